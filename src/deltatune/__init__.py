@@ -1,0 +1,29 @@
+"""deltatune: parameter- and memory-efficient fine-tuning of pretrained PyTorch models.
+
+The public API (see DESIGN.md)::
+
+    import deltatune as dt
+    cfg = dt.config("lora", r=8, alpha=16, targets=["query", "value"])
+    dt.attach(model, cfg)
+"""
+
+from . import methods as _methods  # noqa: F401  (registers every method)
+from .core.config import BaseConfig
+from .core.engine import (active_adapters, attach, count_parameters, delete_adapter, disabled, merge,
+                          set_active, summary, trainable_parameters, unload, unmerge)
+from .core.errors import AdapterFileError, DeltatuneError
+from .core.io import load_adapter, save_adapter
+from .core.registry import available_methods, config, get_method
+from .methods.lowrank.dora import DoraConfig
+from .methods.lowrank.lora import LoraConfig
+from .methods.prompts.prompt_tuning import PromptTuningConfig
+from .methods.scaling.ia3 import IA3Config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError", "BaseConfig", "DeltatuneError", "DoraConfig", "IA3Config", "LoraConfig",
+    "PromptTuningConfig", "active_adapters", "attach", "available_methods", "config", "count_parameters",
+    "delete_adapter", "disabled", "get_method", "load_adapter", "merge", "save_adapter", "set_active",
+    "summary", "trainable_parameters", "unload", "unmerge",
+]

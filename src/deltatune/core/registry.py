@@ -1,0 +1,69 @@
+"""The method registry: name -> Method. A method registers itself when its module is imported."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable
+
+from torch import nn
+
+from .config import BaseConfig
+from .errors import DeltatuneError
+
+
+@dataclasses.dataclass
+class Method:
+    """What the engine needs to know about a method.
+
+    name: registry name; config_cls: its config dataclass; paper: the title of the paper that
+    defines it; hook: "weight", "activation" or "input" (where it touches the frozen model);
+    kinds: the layer kinds it can wrap (see core.layers); make_delta(base, kind, cfg, overrides)
+    builds the delta module for one wrapped layer; expected_parameters(base, kind, cfg, overrides)
+    is the paper's parameter-count formula for one layer (checked by the conformance suite);
+    default_targets maps a transformers ``model_type`` to target patterns; default_lr is the
+    learning rate found by our sweeps; variants are extra configs the conformance suite runs.
+    """
+
+    name: str
+    config_cls: type[BaseConfig]
+    paper: str
+    hook: str
+    kinds: tuple[str, ...]
+    make_delta: Callable[..., nn.Module]
+    expected_parameters: Callable[..., int]
+    default_targets: dict[str, list[str]]
+    default_lr: float
+    variants: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    mergeable: bool = True
+    identity_at_init: bool = True
+    on_attach: Callable[[nn.Module, str], None] | None = None
+    on_remove: Callable[[nn.Module, str], None] | None = None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise DeltatuneError(f"method {method.name!r} is already registered")
+    method.config_cls.method = method.name
+    _REGISTRY[method.name] = method
+    return method
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise DeltatuneError(f"unknown method {name!r}.{hint} Available: {', '.join(available_methods())}")
+    return _REGISTRY[name]
+
+
+def config(name: str, **kwargs: Any) -> BaseConfig:
+    """Build the validated config of method ``name``: ``dt.config("lora", r=8)``."""
+    return get_method(name).config_cls(**kwargs)

@@ -1,0 +1,100 @@
+"""The two wrappers the engine puts into a model.
+
+``DeltaLayer`` replaces a frozen layer: it keeps the layer as ``base`` and one delta module per
+named adapter in ``deltas``. ``ModuleCopies`` replaces a module listed in ``trainable_modules``:
+it keeps the original as ``base`` and one trainable copy per adapter in ``copies``.
+Which adapters run is plain state on the wrapper (``active``); which are folded into the base
+weights is ``merged``. Nothing else is hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Delta(nn.Module):
+    """Base class of a method's per-layer delta.
+
+    ``forward(x, y, base)`` gets the layer input ``x``, the frozen layer's output ``y`` and the
+    frozen layer, and returns the adapted output. A delta that changes the layer's input instead
+    sets ``transforms_input`` and implements ``transform_input``. ``merge(w2, b)`` gets the
+    float64 2-D weight view (see core.layers) and bias and returns the merged pair.
+    """
+
+    transforms_input = False
+    mergeable = True
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def merge(self, w2: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+
+class BiasDelta(Delta):
+    """A trainable shift of a layer's bias, zero at init (LoRA's ``bias="all"`` option)."""
+
+    def __init__(self, out_features: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x, y, base):
+        from .layers import channel_view
+        return y + channel_view(self.bias, y, self.kind)
+
+    def merge(self, w2, b):
+        return w2, (self.bias.double() if b is None else b + self.bias.double())
+
+
+class DeltaLayer(nn.Module):
+    def __init__(self, base: nn.Module, kind: str):
+        super().__init__()
+        self.base = base
+        self.kind = kind
+        self.deltas = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        # Exact copies of the base weight and bias taken at the first merge, so that unmerge
+        # restores them bit-for-bit rather than by subtracting in floating point.
+        self.backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def running(self) -> list[Delta]:
+        return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
+
+    def forward(self, x, *args, **kwargs):
+        deltas = self.running()
+        if not deltas:
+            return self.base(x, *args, **kwargs)
+        x_in = x
+        for d in deltas:
+            if d.transforms_input:
+                x_in = d.transform_input(x_in)
+        y = self.base(x_in, *args, **kwargs)
+        for d in deltas:
+            y = d(x, y, self.base)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, active={self.active}, merged={self.merged}"
+
+
+class ModuleCopies(nn.Module):
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+
+    def current(self) -> nn.Module:
+        for n in self.active:
+            if n in self.copies:
+                return self.copies[n]
+        return self.base
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}"

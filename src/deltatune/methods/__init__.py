@@ -1,0 +1,5 @@
+"""Every method registers itself on import; importing this package registers them all."""
+
+from .lowrank import dora, lora  # noqa: F401
+from .prompts import prompt_tuning  # noqa: F401
+from .scaling import ia3  # noqa: F401

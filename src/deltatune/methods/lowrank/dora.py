@@ -1,0 +1,91 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., 2024).
+
+The weight is split into a magnitude and a direction: ``W' = m * (W + s B A) / ||W + s B A||_c``,
+where ``||.||_c`` is the norm of each output unit's weight vector (a row of the 2-D view
+``(out, fan_in)``, the paper's column of ``W^T``), ``m`` is trainable and starts at ``||W||_c``
+(so the model is unchanged at init), and ``B A`` is a LoRA update.
+
+Two savings over the plain definition, both from the paper's own reading:
+- the norm is detached from the graph (the paper's Section 4.3: treat ``||W + s B A||_c`` as a
+  constant), so it costs no backward memory;
+- it is computed from low-rank terms without materialising ``W + s B A``:
+  ``||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <(W A^T)_i, B_i> + s^2 B_i (A A^T) B_i^T``,
+  which needs ``W A^T (out, r)`` and ``A A^T (r, r)`` instead of an ``(out, fan_in)`` matrix.
+The output is then ``(m / n) * (W x + s B A x) + b = y + (m/n - 1)(y - b) + (m/n) s B A x``
+with ``y = W x + b`` the frozen layer's output, so the frozen matmul runs once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.config import method_config
+from ...core.layers import channel_view, to_2d, out_in
+from ...core.registry import Method, register
+from .lora import DEFAULT_TARGETS, LoraConfig, LoraDelta
+
+
+@method_config
+class DoraConfig(LoraConfig):
+    """DoRA: the LoRA options plus a trainable magnitude per output unit."""
+
+
+class DoraDelta(LoraDelta):
+    def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
+                 init: str, bias: bool, loading: bool = False):
+        super().__init__(base, kind, r, scale, dropout, init, bias, loading)
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(to_2d(base.weight, kind).norm(dim=1).to(self.lora_A.dtype))
+
+    @torch.no_grad()
+    def weight_norm(self, base: nn.Module) -> torch.Tensor:
+        """``||W + s B A||_c`` per output unit, from low-rank terms, detached."""
+        w2 = to_2d(base.weight, self.kind)
+        A, B = self.factors()
+        cross = ((w2 @ A.t()) * B).sum(dim=1)
+        quad = ((B @ (A @ A.t())) * B).sum(dim=1)
+        sq = (w2 * w2).sum(dim=1) + 2 * self.scale * cross + self.scale ** 2 * quad
+        return sq.clamp_min(0).sqrt().clamp_min(1e-12)
+
+    def forward(self, x, y, base):
+        g = channel_view(self.magnitude / self.weight_norm(base), y, self.kind)
+        bias = getattr(base, "bias", None)
+        y_no_bias = y if bias is None else y - channel_view(bias, y, self.kind)
+        out = y + (g - 1) * y_no_bias + g * self.lora_out(x, base)
+        if self.lora_bias is not None:
+            out = out + channel_view(self.lora_bias, out, self.kind)
+        return out
+
+    def merge(self, w2, b):
+        full = w2 + self.delta_2d()
+        w2 = full * (self.magnitude.double() / full.norm(dim=1))[:, None]
+        if self.lora_bias is not None:
+            b = self.lora_bias.double() if b is None else b + self.lora_bias.double()
+        return w2, b
+
+
+def make_delta(base: nn.Module, kind: str, cfg: DoraConfig, name: str, loading: bool = False) -> DoraDelta:
+    r, alpha = cfg.rank_alpha(name)
+    return DoraDelta(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading)
+
+
+def expected_parameters(base: nn.Module, kind: str, cfg: DoraConfig, name: str) -> int:
+    """LoRA's ``r (fan_in + out)`` plus the magnitude vector (``out``)."""
+    r, _ = cfg.rank_alpha(name)
+    out, fan_in = out_in(base, kind)
+    return r * (fan_in + out) + out + (out if cfg.bias != "none" else 0)
+
+
+DORA = register(Method(
+    name="dora",
+    config_cls=DoraConfig,
+    paper="DoRA: Weight-Decomposed Low-Rank Adaptation",
+    hook="weight",
+    kinds=("linear", "conv", "conv1d_gpt2"),
+    make_delta=make_delta,
+    expected_parameters=expected_parameters,
+    default_targets=DEFAULT_TARGETS,
+    default_lr=1e-3,
+    variants=[{"init": "pissa"}, {"dropout": 0.1}],
+))

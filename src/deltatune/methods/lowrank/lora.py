@@ -1,0 +1,190 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021).
+
+The frozen weight's 2-D view ``W (out, fan_in)`` becomes ``W + s B A`` with ``A (r, fan_in)``,
+``B (out, r)`` and ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA, "A Rank
+Stabilization Scaling Factor for Fine-Tuning with LoRA"). ``B`` starts at zero so the model is
+unchanged at initialisation. The forward never builds ``B A``: it computes ``x A^T B^T``; for a
+convolution ``A`` is a convolution with the layer's kernel and ``B`` a 1x1 convolution; for an
+Embedding ``A`` is looked up by token id.
+
+Initialisations (``init``):
+- ``default``: A Kaiming-uniform, B zero (for Embedding: A zero, B normal, so lookups train B).
+- ``gaussian``: A normal with std 1/r, B zero.
+- ``pissa`` (PiSSA: Principal Singular Values and Singular Vectors Adaptation of LLMs): A, B from
+  the top-r singular triplets of W, ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T`` (divided by
+  sqrt(s) each so that ``s B A`` is the principal part), with the frozen residual
+  ``W - s B0 A0``. We keep W untouched and hold the initial factors ``B0, A0`` as frozen
+  buffers: ``W + s (B A - B0 A0)`` is the same function and the same gradients, and the base
+  model is never modified (unmerge and delete stay exact, the file is self-contained).
+- ``milora``: the same with the smallest r singular triplets (minor components).
+
+``bias``: ``none``; ``lora_only`` adds a trainable zero-init bias shift to each wrapped layer;
+``all`` also gives every other layer that has a bias a trainable shift (all mergeable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.config import BaseConfig, check, check_choice, check_number, method_config
+from ...core.engine import pattern_value
+from ...core.errors import DeltatuneError
+from ...core.layers import channel_view, check_groups, out_in, to_2d
+from ...core.registry import Method, register
+from ...core.wrapper import Delta
+
+INITS = ("default", "gaussian", "pissa", "milora")
+SVD_INITS = ("pissa", "milora")
+
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "t5": ["q", "v"], "vit": ["query", "value"],
+}
+
+
+@method_config
+class LoraConfig(BaseConfig):
+    """LoRA. ``r`` rank, ``alpha`` scale numerator, ``dropout`` on the LoRA input, ``rslora``
+    scales by ``alpha/sqrt(r)``; ``rank_pattern``/``alpha_pattern`` map target patterns to
+    per-layer r/alpha."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    bias: str = "none"
+    init: str = "default"
+    rank_pattern: dict = None
+    alpha_pattern: dict = None
+
+    def validate(self) -> None:
+        check_number("r", self.r, kind=int, low=1)
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check(isinstance(self.rslora, bool), f"rslora must be True or False, got {self.rslora!r}")
+        check_choice("bias", self.bias, ("none", "all", "lora_only"))
+        check_choice("init", self.init, INITS)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for pat, r in self.rank_pattern.items():
+            check_number(f"rank_pattern[{pat!r}]", r, kind=int, low=1)
+        for pat, a in self.alpha_pattern.items():
+            check_number(f"alpha_pattern[{pat!r}]", a, low=0, low_open=True)
+
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        return pattern_value(name, self.rank_pattern, self.r), pattern_value(name, self.alpha_pattern, self.alpha)
+
+    def scale(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+class LoraDelta(Delta):
+    def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
+                 init: str, bias: bool, loading: bool = False):
+        super().__init__()
+        check_groups(base, kind, "lora")
+        if kind == "conv" and base.padding_mode != "zeros":
+            raise DeltatuneError(f"lora supports zero-padded convolutions only, not padding_mode={base.padding_mode!r}")
+        out, fan_in = out_in(base, kind)
+        if init in SVD_INITS and r > min(out, fan_in):
+            raise DeltatuneError(f"{init} init needs r <= min(out, fan_in) = {min(out, fan_in)}, got r={r}")
+        self.kind, self.r, self.scale = kind, r, scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        self.lora_A = nn.Parameter(torch.zeros(r, fan_in, dtype=dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out, r, dtype=dtype, device=base.weight.device))
+        self.lora_bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=base.weight.device)) if bias else None
+        self.svd = init in SVD_INITS
+        if self.svd:
+            self.register_buffer("A0", torch.zeros_like(self.lora_A))
+            self.register_buffer("B0", torch.zeros_like(self.lora_B))
+        if not loading:
+            self.initialise(base, init)
+
+    @torch.no_grad()
+    def initialise(self, base: nn.Module, init: str) -> None:
+        if init == "default":
+            if self.kind == "embedding":
+                nn.init.normal_(self.lora_B)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            w2 = to_2d(base.weight, self.kind).double()
+            U, S, Vh = torch.linalg.svd(w2, full_matrices=False)
+            idx = slice(0, self.r) if init == "pissa" else slice(S.shape[0] - self.r, S.shape[0])
+            root = S[idx].sqrt() / math.sqrt(self.scale)
+            self.lora_B.copy_(U[:, idx] * root)
+            self.lora_A.copy_(root[:, None] * Vh[idx])
+            self.B0.copy_(self.lora_B)
+            self.A0.copy_(self.lora_A)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the effective update ``s B A`` (for PiSSA/MiLoRA: ``[A; A0]``, ``[B, -B0]``)."""
+        if self.svd:
+            return torch.cat([self.lora_A, self.A0]), torch.cat([self.lora_B, -self.B0], dim=1)
+        return self.lora_A, self.lora_B
+
+    def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """``s * B A x`` for this layer kind, without materialising ``B A``."""
+        A, B = self.factors()
+        if self.kind == "embedding":
+            z = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)
+            return F.linear(z, B) * self.scale
+        x = self.dropout(x)
+        if self.kind == "conv":
+            w = base.weight
+            conv = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
+            z = conv(x, A.reshape(A.shape[0], *w.shape[1:]), None, base.stride, base.padding, base.dilation)
+            return conv(z, B.reshape(*B.shape, *([1] * (w.dim() - 2)))) * self.scale
+        return F.linear(F.linear(x, A), B) * self.scale
+
+    def forward(self, x, y, base):
+        y = y + self.lora_out(x, base)
+        if self.lora_bias is not None:
+            y = y + channel_view(self.lora_bias, y, self.kind)
+        return y
+
+    def delta_2d(self, dtype=torch.float64) -> torch.Tensor:
+        A, B = self.factors()
+        return self.scale * (B.to(dtype) @ A.to(dtype))
+
+    def merge(self, w2, b):
+        w2 = w2 + self.delta_2d()
+        if self.lora_bias is not None:
+            b = self.lora_bias.double() if b is None else b + self.lora_bias.double()
+        return w2, b
+
+
+def make_delta(base: nn.Module, kind: str, cfg: LoraConfig, name: str, loading: bool = False) -> LoraDelta:
+    r, alpha = cfg.rank_alpha(name)
+    return LoraDelta(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading)
+
+
+def expected_parameters(base: nn.Module, kind: str, cfg: LoraConfig, name: str) -> int:
+    """The paper's count: ``r (fan_in + out)`` per layer, plus ``out`` with a trained bias."""
+    r, _ = cfg.rank_alpha(name)
+    out, fan_in = out_in(base, kind)
+    return r * (fan_in + out) + (out if cfg.bias != "none" else 0)
+
+
+LORA = register(Method(
+    name="lora",
+    config_cls=LoraConfig,
+    paper="LoRA: Low-Rank Adaptation of Large Language Models",
+    hook="weight",
+    kinds=("linear", "conv", "embedding", "conv1d_gpt2"),
+    make_delta=make_delta,
+    expected_parameters=expected_parameters,
+    default_targets=DEFAULT_TARGETS,
+    default_lr=1e-3,
+    variants=[{"init": "gaussian"}, {"init": "pissa"}, {"init": "milora"}, {"rslora": True, "dropout": 0.1},
+              {"bias": "lora_only"}, {"bias": "all"}],
+))
