@@ -88,6 +88,13 @@ def pattern_value(name: str, patterns: dict[str, Any], default: Any) -> Any:
     return default
 
 
+def _under(name: str, patterns: list[str]) -> bool:
+    """Whether ``name`` or one of its parents matches a pattern (exclusions cover children)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(match_pattern(n, None, p) for n in prefixes for p in patterns if not p.startswith("type:"))
+
+
 def _model_type(model: nn.Module) -> str | None:
     for m in model.modules():
         cfg = getattr(m, "config", None)
@@ -150,7 +157,8 @@ def match_modules(model: nn.Module, cfg: BaseConfig, targets: list[str],
             continue
         if not any(match_pattern(name, module, p) for p in targets):
             continue
-        if any(match_pattern(name, module, p) for p in cfg.exclude + cfg.trainable_modules):
+        if any(match_pattern(name, module, p) for p in cfg.exclude if p.startswith("type:")) \
+                or _under(name, cfg.exclude + cfg.trainable_modules):
             continue
         if "all-linear" in targets and not any(match_pattern(name, module, p) for p in targets if p != "all-linear"):
             if name in heads or name.split(".")[-1] in _OUTPUT_HEADS:
@@ -188,15 +196,26 @@ def _check_name(model: nn.Module, name: str) -> None:
                              f"or call dt.delete_adapter(model, {name!r}) first")
 
 
-def plan(model: nn.Module, cfg: BaseConfig, name: str, loading: bool = False) -> Plan:
+def plan(model: nn.Module, cfg: BaseConfig, name: str, loading: bool = False,
+         exact: list[str] | None = None) -> Plan:
+    """Build the deltas ``attach`` would install. ``exact``: wrap exactly these module names
+    (used when loading a file, which records the modules it was trained on)."""
     if not isinstance(cfg, BaseConfig):
         raise DeltatuneError(f"expected a config from dt.config(...), got {type(cfg).__name__}")
     _check_name(model, name)
     method = get_method(cfg.method)
-    targets = resolve_targets(model, method, cfg)
+    if exact is None:
+        matched = match_modules(model, cfg, resolve_targets(model, method, cfg))
+    else:
+        by_name = {n: (n, m, p, a) for n, m, p, a in walk(model)}
+        absent = [n for n in exact if n not in by_name]
+        if absent:
+            raise DeltatuneError(f"modules {absent[:5]} do not exist in {type(model).__name__}. Closest: "
+                                 f"{_closest(model, absent[:3])}")
+        matched = [by_name[n] for n in exact]
     planned = []
     unsupported = []
-    for mod_name, module, parent, attr in match_modules(model, cfg, targets):
+    for mod_name, module, parent, attr in matched:
         base = unwrap(module)
         kind = layer_kind(base)
         if kind not in method.kinds:
@@ -238,8 +257,7 @@ def _bias_deltas(model: nn.Module, cfg: BaseConfig, taken: set[str]) -> list:
         kind = layer_kind(base)
         if mod_name in taken or kind is None or not isinstance(bias, torch.Tensor):
             continue
-        prefixes = [".".join(mod_name.split(".")[:i]) for i in range(1, mod_name.count(".") + 2)]
-        if any(match_pattern(n, None, p) for n in prefixes for p in cfg.trainable_modules):
+        if _under(mod_name, cfg.exclude + cfg.trainable_modules):
             continue
         found.append((mod_name, module, parent, attr, kind, BiasDelta(bias.shape[0], kind)))
     return found

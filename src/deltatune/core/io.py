@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from .engine import adapters, install, plan
 from .errors import AdapterFileError, DeltatuneError
 from .registry import get_method
-from .wrapper import DeltaLayer, ModuleCopies
+from .wrapper import BiasDelta, DeltaLayer, ModuleCopies
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -70,8 +70,10 @@ def save_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     targets = {}
     for mod_name, module, _, _ in walk(model):
         if isinstance(module, DeltaLayer) and name in module.deltas:
+            delta = module.deltas[name]
             targets[mod_name] = {"type": type(module.base).__name__, "kind": module.kind,
-                                 "weight_shape": list(module.base.weight.shape)}
+                                 "weight_shape": list(module.base.weight.shape),
+                                 "delta": "bias" if isinstance(delta, BiasDelta) else "method"}
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "library": "deltatune",
@@ -145,15 +147,12 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     weights_path = directory / WEIGHTS_FILE
     method = get_method(meta["method"])
     try:
-        cfg_dict = dict(meta["config"])
-        cfg_dict["targets"] = sorted(meta["targets"]) or cfg_dict.get("targets")
-        cfg_dict["exclude"] = []
-        cfg_dict["layers"] = None
-        cfg = method.config_cls(**cfg_dict)
+        cfg = method.config_cls(**meta["config"])
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"{directory / CONFIG_FILE}: the stored {method.name} config is invalid: {e}") from None
     try:
-        p = plan(model, cfg, name, loading=True)
+        exact = sorted(n for n, t in meta["targets"].items() if t.get("delta", "method") == "method")
+        p = plan(model, cfg, name, loading=True, exact=exact)
     except DeltatuneError as e:
         raise AdapterFileError(f"{directory}: this adapter does not fit the model: {e}") from None
     for mod_name, module, *_ in p.deltas:

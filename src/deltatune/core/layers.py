@@ -57,6 +57,8 @@ def to_2d(weight: torch.Tensor, kind: str) -> torch.Tensor:
         return weight.reshape(weight.shape[0], -1)
     if kind in ("embedding", "conv1d_gpt2"):
         return weight.t()
+    if kind == "norm":
+        return weight       # 1-D: only bias and scale deltas apply
     raise DeltatuneError(f"layer kind {kind!r} has no 2-D weight view")
 
 
@@ -67,7 +69,19 @@ def from_2d(w2: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
         return w2.reshape(like.shape)
     if kind in ("embedding", "conv1d_gpt2"):
         return w2.t()
+    if kind == "norm":
+        return w2
     raise DeltatuneError(f"layer kind {kind!r} has no 2-D weight view")
+
+
+def merge_bias_shift(w2: torch.Tensor, b: torch.Tensor | None, shift: torch.Tensor,
+                     kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold an output shift into the layer. An Embedding has no bias, but every lookup returns
+    exactly one row, so the shift is added to every row (a column of the 2-D view)."""
+    shift = shift.double()
+    if kind == "embedding":
+        return w2 + shift[:, None], b
+    return w2, shift if b is None else b + shift
 
 
 def channel_view(v: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:

@@ -45,7 +45,8 @@ class BiasDelta(Delta):
         return y + channel_view(self.bias, y, self.kind)
 
     def merge(self, w2, b):
-        return w2, (self.bias.double() if b is None else b + self.bias.double())
+        from .layers import merge_bias_shift
+        return merge_bias_shift(w2, b, self.bias, self.kind)
 
 
 class DeltaLayer(nn.Module):

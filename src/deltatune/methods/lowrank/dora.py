@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...core.config import method_config
-from ...core.layers import channel_view, to_2d, out_in
+from ...core.layers import channel_view, merge_bias_shift, out_in, to_2d
 from ...core.registry import Method, register
 from .lora import DEFAULT_TARGETS, LoraConfig, LoraDelta
 
@@ -61,7 +61,7 @@ class DoraDelta(LoraDelta):
         full = w2 + self.delta_2d()
         w2 = full * (self.magnitude.double() / full.norm(dim=1))[:, None]
         if self.lora_bias is not None:
-            b = self.lora_bias.double() if b is None else b + self.lora_bias.double()
+            w2, b = merge_bias_shift(w2, b, self.lora_bias, self.kind)
         return w2, b
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from ...core.config import BaseConfig, check, check_choice, check_number, method_config
 from ...core.engine import pattern_value
 from ...core.errors import DeltatuneError
-from ...core.layers import channel_view, check_groups, out_in, to_2d
+from ...core.layers import channel_view, check_groups, merge_bias_shift, out_in, to_2d
 from ...core.registry import Method, register
 from ...core.wrapper import Delta
 
@@ -159,7 +159,7 @@ class LoraDelta(Delta):
     def merge(self, w2, b):
         w2 = w2 + self.delta_2d()
         if self.lora_bias is not None:
-            b = self.lora_bias.double() if b is None else b + self.lora_bias.double()
+            w2, b = merge_bias_shift(w2, b, self.lora_bias, self.kind)
         return w2, b
 
 
