@@ -113,6 +113,13 @@ def check_number(field: str, value: Any, *, kind: type = float, low: float | Non
         raise DeltatuneError(f"{field}={value} is out of range: must be {'<' if high_open else '<='} {high}")
 
 
+# Hugging Face PEFT's names for our fields, so that a PEFT user's muscle memory gets a hint.
+PEFT_NAMES = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+              "modules_to_save": "trainable_modules", "use_rslora": "rslora", "init_lora_weights": "init",
+              "layers_to_transform": "layers", "exclude_modules": "exclude", "feedforward_modules": "feedforward",
+              "use_dora": "method 'dora'"}
+
+
 def method_config(cls):
     """Class decorator: make ``cls`` a dataclass whose constructor rejects unknown fields with a
     suggestion of the closest valid one (instead of Python's bare TypeError)."""
@@ -126,7 +133,7 @@ def method_config(cls):
         if unknown:
             hints = []
             for k in unknown:
-                close = difflib.get_close_matches(k, names, n=1)
+                close = [PEFT_NAMES[k]] if PEFT_NAMES.get(k) in names else difflib.get_close_matches(k, names, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise DeltatuneError(
                 f"{cls.__name__} got unknown field(s) {', '.join(hints)}; valid fields: {', '.join(names)}")
