@@ -14,6 +14,7 @@ from .core.engine import (active_adapters, attach, count_parameters, delete_adap
 from .core.errors import AdapterFileError, DeltatuneError
 from .core.io import load_adapter, save_adapter
 from .core.registry import available_methods, config, get_method
+from .interop.peft import export_peft, import_peft
 from .methods.lowrank.dora import DoraConfig
 from .methods.lowrank.lora import LoraConfig
 from .methods.prompts.prompt_tuning import PromptTuningConfig
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError", "BaseConfig", "DeltatuneError", "DoraConfig", "IA3Config", "LoraConfig",
     "PromptTuningConfig", "active_adapters", "attach", "available_methods", "config", "count_parameters",
-    "delete_adapter", "disabled", "get_method", "load_adapter", "merge", "save_adapter", "set_active",
+    "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "save_adapter", "set_active",
     "summary", "trainable_parameters", "unload", "unmerge",
 ]

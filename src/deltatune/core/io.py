@@ -144,7 +144,13 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     directory = Path(directory)
     meta, tensors = read_adapter(directory)
     name = name or meta.get("name") or "default"
-    weights_path = directory / WEIGHTS_FILE
+    return attach_state(model, meta, tensors, name, directory, directory / WEIGHTS_FILE, trainable)
+
+
+def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
+                 directory: Path, weights_path: Path, trainable: bool = False) -> str:
+    """Attach an adapter described by ``meta`` (our config format) with the given tensors,
+    after checking that every tensor fits; the model is unchanged on any error."""
     method = get_method(meta["method"])
     try:
         cfg = method.config_cls(**meta["config"])
