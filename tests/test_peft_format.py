@@ -122,3 +122,15 @@ def test_import_refuses_pickle_and_unknown_types(tmp_path):
     with pytest.raises(dt.AdapterFileError, match="VBLORA.*not supported"):
         dt.import_peft(model, tmp_path)
     assert not dt.core.engine.adapters(model)
+
+
+def test_import_of_peft_prompt_tuning(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    fresh = copy.deepcopy(base)
+    theirs = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    theirs.save_pretrained(str(tmp_path))
+    dt.import_peft(fresh, tmp_path)
+    b = _llm_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(fresh.eval(), b), _out(theirs, b)[:, 4:], rtol=1e-5, atol=1e-5)
