@@ -10,7 +10,7 @@ The public API (see DESIGN.md)::
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .core.config import BaseConfig
 from .core.engine import (active_adapters, attach, count_parameters, delete_adapter, disabled, merge,
-                          set_active, summary, trainable_parameters, unload, unmerge)
+                          per_sample_adapters, set_active, summary, trainable_parameters, unload, unmerge)
 from .core.errors import AdapterFileError, DeltatuneError
 from .core.io import load_adapter, save_adapter
 from .core.registry import available_methods, config, get_method
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError", "BaseConfig", "DeltatuneError", "DoraConfig", "IA3Config", "LoraConfig",
     "PromptTuningConfig", "active_adapters", "attach", "available_methods", "config", "count_parameters",
-    "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "save_adapter", "set_active",
+    "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "per_sample_adapters", "save_adapter", "set_active",
     "summary", "trainable_parameters", "unload", "unmerge",
 ]

@@ -345,6 +345,32 @@ def disabled(model: nn.Module):
         set_active(model, previous)
 
 
+@contextlib.contextmanager
+def per_sample_adapters(model: nn.Module, names: list[str | None]):
+    """Inside the block, sample ``i`` of the batch runs adapter ``names[i]`` (``None``: the base
+    model). LoRA computes this in one batched pass per layer (each sample's factors gathered,
+    then batched matrix products, in the spirit of punica's BGMV); other methods run one pass
+    per distinct adapter over its samples."""
+    names = list(names)
+    _require(model, sorted({n for n in names if n is not None}))
+    merged = sorted({n for _, w in wrappers(model) for n in w.merged})
+    if merged:
+        raise DeltatuneError(f"adapters {merged} are merged into the base weights; call dt.unmerge(model) "
+                             f"before mixing adapters per sample")
+    for n in {n for n in names if n is not None}:
+        if not get_method(adapters(model)[n].method).mergeable:
+            raise DeltatuneError(f"adapter {n!r} ({adapters(model)[n].method}) changes the input sequence and "
+                                 f"cannot be mixed per sample")
+    layers = wrappers(model) + copies(model)
+    for _, w in layers:
+        w.per_sample = names
+    try:
+        yield model
+    finally:
+        for _, w in layers:
+            w.per_sample = None
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``: its deltas, its trainable module copies and its hooks."""
     _require(model, [name])

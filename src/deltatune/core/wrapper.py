@@ -60,11 +60,15 @@ class DeltaLayer(nn.Module):
         # Exact copies of the base weight and bias taken at the first merge, so that unmerge
         # restores them bit-for-bit rather than by subtracting in floating point.
         self.backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Set by dt.per_sample_adapters: one adapter name (or None) per sample of the batch.
+        self.per_sample: list[str | None] | None = None
 
     def running(self) -> list[Delta]:
         return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
 
     def forward(self, x, *args, **kwargs):
+        if self.per_sample is not None:
+            return self.forward_per_sample(x, *args, **kwargs)
         deltas = self.running()
         if not deltas:
             return self.base(x, *args, **kwargs)
@@ -77,6 +81,33 @@ class DeltaLayer(nn.Module):
             y = d(x, y, self.base)
         return y
 
+    def forward_per_sample(self, x, *args, **kwargs):
+        """Each sample runs its own adapter: one batched pass where the method provides one
+        (``batched_forward``, e.g. LoRA's gathered low-rank products), else one pass per adapter
+        over its samples."""
+        names = self.per_sample
+        if x.shape[0] != len(names):
+            raise ValueError(f"per_sample_adapters got {len(names)} names but the batch has {x.shape[0]} samples")
+        present = [n for n in dict.fromkeys(names) if n is not None and n in self.deltas]
+        if not present:
+            return self.base(x, *args, **kwargs)
+        slot = {n: i for i, n in enumerate(present)}
+        index = torch.tensor([slot.get(n, -1) for n in names], device=x.device)
+        deltas = [self.deltas[n] for n in present]
+        batched = getattr(type(deltas[0]), "batched_forward", None)
+        if batched is not None and all(type(d) is type(deltas[0]) for d in deltas):
+            out = batched(deltas, index, x, self.base, self.training, *args, **kwargs)
+            if out is not None:
+                return out
+        y = self.base(x, *args, **kwargs)
+        out = y.clone()
+        for i, d in enumerate(deltas):
+            rows = (index == i).nonzero().squeeze(1)
+            xs = x.index_select(0, rows)
+            ys = self.base(d.transform_input(xs), *args, **kwargs) if d.transforms_input else y.index_select(0, rows)
+            out = out.index_copy(0, rows, d(xs, ys, self.base))
+        return out
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, active={self.active}, merged={self.merged}"
 
@@ -87,6 +118,7 @@ class ModuleCopies(nn.Module):
         self.base = base
         self.copies = nn.ModuleDict()
         self.active: list[str] = []
+        self.per_sample: list[str | None] | None = None
 
     def current(self) -> nn.Module:
         for n in self.active:
@@ -94,8 +126,21 @@ class ModuleCopies(nn.Module):
                 return self.copies[n]
         return self.base
 
-    def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.per_sample is None:
+            return self.current()(x, *args, **kwargs)
+        groups: dict[str | None, list[int]] = {}
+        for i, n in enumerate(self.per_sample):
+            groups.setdefault(n if n in self.copies else None, []).append(i)
+        out = None
+        for n, rows in groups.items():
+            module = self.copies[n] if n is not None else self.base
+            idx = torch.tensor(rows, device=x.device)
+            part = module(x.index_select(0, idx), *args, **kwargs)
+            if out is None:
+                out = part.new_zeros((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, idx, part)
+        return out
 
     def extra_repr(self) -> str:
         return f"active={self.active}"

@@ -152,6 +152,35 @@ class LoraDelta(Delta):
             y = y + channel_view(self.lora_bias, y, self.kind)
         return y
 
+    @staticmethod
+    def batched_forward(deltas: list["LoraDelta"], index: torch.Tensor, x: torch.Tensor, base: nn.Module,
+                        training: bool, *args, **kwargs):
+        """Mixed-batch LoRA: sample i uses ``deltas[index[i]]`` (-1: none). The factors of each
+        sample's adapter are gathered into ``(N, r, fan_in)`` / ``(N, out, r)`` stacks (ranks
+        zero-padded) and applied with two batched matmuls, whatever the number of adapters."""
+        d0 = deltas[0]
+        if d0.kind not in ("linear", "conv1d_gpt2") or type(d0) is not LoraDelta or (
+                training and any(not isinstance(d.dropout, nn.Identity) for d in deltas)):
+            return None
+        factors = [d.factors() for d in deltas]
+        rmax = max(A.shape[0] for A, _ in factors)
+        A_all = x.new_zeros(len(deltas) + 1, rmax, factors[0][0].shape[1])
+        B_all = x.new_zeros(len(deltas) + 1, factors[0][1].shape[0], rmax)
+        scale = x.new_zeros(len(deltas) + 1)
+        bias = x.new_zeros(len(deltas) + 1, factors[0][1].shape[0])
+        for i, (d, (A, B)) in enumerate(zip(deltas, factors)):
+            A_all[i, : A.shape[0]] = A
+            B_all[i, :, : B.shape[1]] = B
+            scale[i] = d.scale
+            if d.lora_bias is not None:
+                bias[i] = d.lora_bias
+        slot = torch.where(index < 0, len(deltas), index)   # the last slot is all zeros: the base model
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        z = torch.bmm(x3, A_all[slot].transpose(1, 2))
+        z = torch.bmm(z, B_all[slot].transpose(1, 2)) * scale[slot][:, None, None] + bias[slot][:, None, :]
+        y = base(x, *args, **kwargs)
+        return y + z.reshape(y.shape)
+
     def delta_2d(self, dtype=torch.float64) -> torch.Tensor:
         A, B = self.factors()
         return self.scale * (B.to(dtype) @ A.to(dtype))
