@@ -32,6 +32,7 @@ class DoraConfig(LoraConfig):
 
 
 class DoraDelta(LoraDelta):
+    fused_forward = None    # LoRA's fused kernel has no magnitude; DoRA composes its own ops
     def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
                  init: str, bias: bool, loading: bool = False):
         super().__init__(base, kind, r, scale, dropout, init, bias, loading)

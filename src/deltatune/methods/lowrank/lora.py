@@ -83,6 +83,58 @@ class LoraConfig(BaseConfig):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
+class FusedLoraLinear(torch.autograd.Function):
+    """``x W^T + b + s (drop(x) A^T) B^T (+ lora_bias)`` for a frozen ``W`` in one function.
+
+    Against composing the ops with autograd it saves: the dropped input (only a 1-byte mask is
+    kept; ``x`` itself is referenced, not copied), two full-size passes forward (the scale and
+    the add go into ``addmm_``), and in backward ``g B`` is computed once and shared between the
+    factor gradients and the input gradient, which is accumulated with ``addmm_`` too. The dropout
+    mask is drawn exactly as ``F.dropout`` draws it, so both paths agree for the same RNG state.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w2, bias, A, B, lora_bias, scale: float, p: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = None
+        xd = x2
+        if p > 0:
+            noise = torch.empty_like(x2).bernoulli_(1 - p)
+            mask = noise.bool()
+            xd = x2 * noise.div_(1 - p)
+        z = xd @ A.t()
+        out = torch.addmm(bias, x2, w2.t()) if bias is not None else x2 @ w2.t()
+        out.addmm_(z, B.t(), alpha=scale)
+        if lora_bias is not None:
+            out += lora_bias
+        ctx.save_for_backward(x2, mask, z, w2, A, B)
+        ctx.scale, ctx.p, ctx.has_lora_bias = scale, p, lora_bias is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, mask, z, w2, A, B = ctx.saved_tensors
+        s, p = ctx.scale, ctx.p
+        g2 = g.reshape(-1, g.shape[-1])
+        gB = g2 @ B
+        dA = dB = dx = dlb = None
+        if ctx.needs_input_grad[4]:
+            dB = (g2.t() @ z).mul_(s)
+        if ctx.needs_input_grad[3]:
+            xd = x2 if mask is None else x2 * mask * (1.0 / (1 - p))
+            dA = (gB.t() @ xd).mul_(s)
+        if ctx.needs_input_grad[0]:
+            dx = g2 @ w2
+            if mask is None:
+                dx.addmm_(gB, A, alpha=s)
+            else:
+                dx += (gB @ A).mul_(s / (1 - p)).masked_fill_(~mask, 0)
+            dx = dx.reshape(*g.shape[:-1], dx.shape[-1])
+        if ctx.has_lora_bias and ctx.needs_input_grad[5]:
+            dlb = g2.sum(0)
+        return dx, None, None, dA, dB, dlb, None, None
+
+
 class LoraDelta(Delta):
     def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
                  init: str, bias: bool, loading: bool = False):
@@ -145,6 +197,17 @@ class LoraDelta(Delta):
             z = conv(x, A.reshape(A.shape[0], *w.shape[1:]), None, base.stride, base.padding, base.dilation)
             return conv(z, B.reshape(*B.shape, *([1] * (w.dim() - 2)))) * self.scale
         return F.linear(F.linear(x, A), B) * self.scale
+
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """The whole wrapped layer in one autograd function (Linear and GPT-2 Conv1D with frozen
+        weights); None where it does not apply, and the plain path runs."""
+        if self.kind not in ("linear", "conv1d_gpt2") or base.weight.requires_grad or (
+                base.bias is not None and base.bias.requires_grad) or x.dtype != base.weight.dtype:
+            return None
+        A, B = self.factors()
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        return FusedLoraLinear.apply(x, to_2d(base.weight, self.kind), base.bias, A, B, self.lora_bias,
+                                     self.scale, p)
 
     def forward(self, x, y, base):
         y = y + self.lora_out(x, base)
