@@ -181,6 +181,17 @@ def test_attach_twice_with_same_name_is_refused():
 
 # ------------------------------------------------------------------ merge / unmerge / unload
 
+def test_new_deltas_follow_the_model_mode():
+    m = tiny_bert()                               # in eval mode
+    dt.attach(m, dt.config("lora", targets=["query"], dropout=0.5))
+    x = batch()
+    assert torch.equal(m(**x), m(**x)), "dropout stayed on after attach to a model in eval mode"
+    assert not any(mod.training for mod in m.modules())
+    m.train()
+    dt.attach(m, dt.config("lora", targets=["value"], dropout=0.5), name="second")
+    assert all(mod.training for mod in m.modules())
+
+
 def test_merge_after_20_steps_matches_and_unmerge_is_exact():
     """Acceptance: after 20 training steps merged and unmerged outputs agree to 1e-5 (float32),
     and unmerge restores every base weight exactly."""

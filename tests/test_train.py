@@ -267,8 +267,10 @@ def test_cli_methods_bench(capsys):
     out = capsys.readouterr().out
     for name in dt.available_methods():
         assert f"{name}: {dt.get_method(name).paper}" in out
-    assert cli.main(["bench"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):        # `bench` needs a benchmark name
+        cli.main(["bench"])
+    assert cli.main(["bench", "speed", "--workloads", "nosuch"]) == 2
+    assert "unknown workload" in capsys.readouterr().err
 
 
 def test_cli_inspect(tiny_model, capsys):

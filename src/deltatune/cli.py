@@ -23,7 +23,6 @@ from .core.errors import DeltatuneError
 # bare `deltatune train`: LoRA r=8, alpha=16; targets left to the method's defaults for the model
 # type (query and value for BERT models such as MiniLM)
 LORA_DEFAULTS = {"r": 8, "alpha": 16.0}
-BENCH_MESSAGE = "deltatune bench: not implemented yet: see issue"
 
 
 # ----------------------------------------------------------------------------- method options
@@ -186,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter folder (e.g. the --out of `deltatune train`)")
     m.add_argument("--out", required=True, help="folder for the merged model (save_pretrained, safetensors)")
 
-    sub.add_parser("bench", help="benchmarks against other libraries (not implemented yet)")
+    b = sub.add_parser("bench", help="benchmarks: speed against Hugging Face PEFT")
+    bsub = b.add_subparsers(dest="bench", metavar="{speed}", required=True)
+    from .bench.speed import add_arguments as speed_arguments
+    speed_arguments(bsub.add_parser("speed", help="deltatune and PEFT side by side, timed interleaved"))
     return parser
 
 
@@ -326,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "merge":
             return cmd_merge(ns)
         if ns.command == "bench":
-            print(BENCH_MESSAGE, file=sys.stderr)
-            return 2
+            from .bench.speed import main_speed
+            return main_speed(ns)
     except DeltatuneError as e:
         print(f"deltatune {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -263,6 +263,15 @@ def _bias_deltas(model: nn.Module, cfg: BaseConfig, taken: set[str]) -> list:
     return found
 
 
+def _follow_mode(container: nn.Module, inner: nn.Module) -> None:
+    """Give a new wrapper (and its module dicts) the mode of the module it wraps, without
+    touching the modes inside that module."""
+    inner_modules = set(map(id, inner.modules()))
+    for m in container.modules():
+        if id(m) not in inner_modules:
+            m.training = inner.training
+
+
 def install(model: nn.Module, p: Plan, trainable: bool) -> None:
     for mod_name, module, parent, attr, kind, delta in p.deltas:
         wrapper = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind)
@@ -271,12 +280,16 @@ def install(model: nn.Module, p: Plan, trainable: bool) -> None:
             delta.to(device=base_param.device)
         wrapper.deltas[p.name] = delta
         if wrapper is not module:
+            _follow_mode(wrapper, module)
             setattr(parent, attr, wrapper)
+        delta.train(model.training)     # a new delta follows the model's mode (no dropout in eval)
     for mod_name, module, parent, attr, dup in p.copies:
         holder = module if isinstance(module, ModuleCopies) else ModuleCopies(module)
         holder.copies[p.name] = dup
         if holder is not module:
+            _follow_mode(holder, module)
             setattr(parent, attr, holder)
+        dup.train(model.training)
     adapters(model)[p.name] = p.cfg
     for param in model.parameters():
         param.requires_grad_(False)

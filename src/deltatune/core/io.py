@@ -30,11 +30,41 @@ WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, kill_halfway: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename, fsync
+    of the folder): a reader sees the old file or the new one, never a mix. The file gets the
+    usual permissions (0666 less the umask), not mkstemp's 0600. ``kill_halfway`` is a test
+    hook: write half the bytes, then end the process with status 137 as a kill would."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
+            if kill_halfway:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os._exit(137)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -43,6 +73,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def adapter_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..core.errors import DeltatuneError
+from ..core.io import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "deltatune-checkpoint"
@@ -67,52 +67,6 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------- atomic writes
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, kill_halfway: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename); the
-    file gets the usual permissions (0666 less the umask), not mkstemp's 0600.
-    ``kill_halfway`` is the test hook: write half the bytes, then exit the process with 137."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            if kill_halfway:
-                f.write(data[:len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os._exit(137)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
 
 def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     """Delete temporary files left by writes of ``path`` that were killed mid-way."""

