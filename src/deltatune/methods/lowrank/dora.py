@@ -32,7 +32,6 @@ class DoraConfig(LoraConfig):
 
 
 class DoraDelta(LoraDelta):
-    fused_forward = None    # LoRA's fused kernel has no magnitude; DoRA composes its own ops
     def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
                  init: str, bias: bool, loading: bool = False):
         super().__init__(base, kind, r, scale, dropout, init, bias, loading)
@@ -48,6 +47,12 @@ class DoraDelta(LoraDelta):
         quad = ((B @ (A @ A.t())) * B).sum(dim=1)
         sq = (w2 * w2).sum(dim=1) + 2 * self.scale * cross + self.scale ** 2 * quad
         return sq.clamp_min(0).sqrt().clamp_min(1e-12)
+
+    def fused_forward(self, x, base):
+        """LoRA's fused function with the rescaling ``g = m / ||W + s B A||_c`` folded in."""
+        if not self.fusable(x, base):
+            return None
+        return self.fused_apply(x, base, self.magnitude, self.weight_norm(base))
 
     def forward(self, x, y, base):
         g = channel_view(self.magnitude / self.weight_norm(base), y, self.kind)

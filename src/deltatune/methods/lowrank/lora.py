@@ -84,17 +84,21 @@ class LoraConfig(BaseConfig):
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """``x W^T + b + s (drop(x) A^T) B^T (+ lora_bias)`` for a frozen ``W`` in one function.
+    """``g * (x W^T + s (drop(x) A^T) B^T) + b (+ lora_bias)`` for a frozen ``W`` in one function;
+    ``g = magnitude / norm`` per output unit is DoRA's rescaling (``g = 1`` for LoRA, where the
+    magnitude is None).
 
     Against composing the ops with autograd it saves: the dropped input (only a 1-byte mask is
-    kept; ``x`` itself is referenced, not copied), two full-size passes forward (the scale and
-    the add go into ``addmm_``), and in backward ``g B`` is computed once and shared between the
-    factor gradients and the input gradient, which is accumulated with ``addmm_`` too. The dropout
-    mask is drawn exactly as ``F.dropout`` draws it, so both paths agree for the same RNG state.
+    kept; ``x`` itself is referenced, not copied), the full-size passes for the scale and the add
+    (they go into ``addmm_``), and in backward ``g B`` is computed once and shared between the
+    factor gradients and the input gradient, which is accumulated with ``addmm_`` too. DoRA keeps
+    one full-size tensor (the pre-scale output, for the magnitude's gradient) where composed ops
+    keep three. The dropout mask is drawn exactly as ``F.dropout`` draws it, so both paths agree
+    for the same RNG state.
     """
 
     @staticmethod
-    def forward(ctx, x, w2, bias, A, B, lora_bias, scale: float, p: float):
+    def forward(ctx, x, w2, bias, A, B, lora_bias, magnitude, norm, scale: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
         mask = None
         xd = x2
@@ -103,21 +107,34 @@ class FusedLoraLinear(torch.autograd.Function):
             mask = noise.bool()
             xd = x2 * noise.div_(1 - p)
         z = xd @ A.t()
-        out = torch.addmm(bias, x2, w2.t()) if bias is not None else x2 @ w2.t()
-        out.addmm_(z, B.t(), alpha=scale)
+        pre = None
+        if magnitude is None:
+            out = torch.addmm(bias, x2, w2.t()) if bias is not None else x2 @ w2.t()
+            out.addmm_(z, B.t(), alpha=scale)
+        else:
+            pre = (x2 @ w2.t()).addmm_(z, B.t(), alpha=scale)
+            out = pre * (magnitude / norm)
+            if bias is not None:
+                out += bias
         if lora_bias is not None:
             out += lora_bias
-        ctx.save_for_backward(x2, mask, z, w2, A, B)
+        ctx.save_for_backward(x2, mask, z, w2, A, B, pre, magnitude, norm)
         ctx.scale, ctx.p, ctx.has_lora_bias = scale, p, lora_bias is not None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x2, mask, z, w2, A, B = ctx.saved_tensors
+        x2, mask, z, w2, A, B, pre, magnitude, norm = ctx.saved_tensors
         s, p = ctx.scale, ctx.p
         g2 = g.reshape(-1, g.shape[-1])
+        dA = dB = dx = dlb = dmag = None
+        if ctx.has_lora_bias and ctx.needs_input_grad[5]:
+            dlb = g2.sum(0)
+        if magnitude is not None:
+            if ctx.needs_input_grad[6]:
+                dmag = (g2 * pre).sum(0) / norm
+            g2 = g2 * (magnitude / norm)
         gB = g2 @ B
-        dA = dB = dx = dlb = None
         if ctx.needs_input_grad[4]:
             dB = (g2.t() @ z).mul_(s)
         if ctx.needs_input_grad[3]:
@@ -130,9 +147,7 @@ class FusedLoraLinear(torch.autograd.Function):
             else:
                 dx += (gB @ A).mul_(s / (1 - p)).masked_fill_(~mask, 0)
             dx = dx.reshape(*g.shape[:-1], dx.shape[-1])
-        if ctx.has_lora_bias and ctx.needs_input_grad[5]:
-            dlb = g2.sum(0)
-        return dx, None, None, dA, dB, dlb, None, None
+        return dx, None, None, dA, dB, dlb, dmag, None, None, None
 
 
 class LoraDelta(Delta):
@@ -201,13 +216,19 @@ class LoraDelta(Delta):
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """The whole wrapped layer in one autograd function (Linear and GPT-2 Conv1D with frozen
         weights); None where it does not apply, and the plain path runs."""
-        if self.kind not in ("linear", "conv1d_gpt2") or base.weight.requires_grad or (
-                base.bias is not None and base.bias.requires_grad) or x.dtype != base.weight.dtype:
+        if not self.fusable(x, base):
             return None
+        return self.fused_apply(x, base, None, None)
+
+    def fusable(self, x: torch.Tensor, base: nn.Module) -> bool:
+        return self.kind in ("linear", "conv1d_gpt2") and not base.weight.requires_grad and not (
+            base.bias is not None and base.bias.requires_grad) and x.dtype == base.weight.dtype
+
+    def fused_apply(self, x, base, magnitude, norm):
         A, B = self.factors()
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         return FusedLoraLinear.apply(x, to_2d(base.weight, self.kind), base.bias, A, B, self.lora_bias,
-                                     self.scale, p)
+                                     magnitude, norm, self.scale, p)
 
     def forward(self, x, y, base):
         y = y + self.lora_out(x, base)
