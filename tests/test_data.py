@@ -146,3 +146,24 @@ def test_tokenizer_truncates_and_pads_dynamically():
     assert train.ids[1][0] == tok.cls_token_id and train.ids[1][-1] == tok.sep_token_id
     (batch,) = list(test.batches(8))
     assert batch["input_ids"].shape == (1, 3) and batch["attention_mask"].dtype == torch.long
+
+
+def test_grouped_order_is_a_deterministic_permutation_with_less_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 120, (1000,), generator=g).tolist()
+    split = EncodedSplit([[1] * n for n in lengths], [0] * 1000, pad_id=0)
+
+    def padded_tokens(order):
+        return sum(b["input_ids"].numel() for b in split.batches(32, order))
+
+    o1 = split.grouped_order(32, torch.Generator().manual_seed(5))
+    o2 = split.grouped_order(32, torch.Generator().manual_seed(5))
+    o3 = split.grouped_order(32, torch.Generator().manual_seed(6))
+    assert o1 == o2 and o1 != o3
+    assert sorted(o1) == list(range(1000))
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(5)).tolist()
+    assert padded_tokens(o1) < 0.75 * padded_tokens(shuffled)
+    assert padded_tokens(o1) >= sum(lengths)
+    # batches are not simply sorted by length: the order of batches is random
+    first_lengths = [max(lengths[i] for i in o1[k:k + 32]) for k in range(0, 960, 32)]
+    assert first_lengths != sorted(first_lengths) and first_lengths != sorted(first_lengths, reverse=True)

@@ -216,7 +216,8 @@ def test_conformance(name, variant, key):
 @pytest.mark.parametrize("name,variant", [pytest.param(n, v, id=f"{n}{v}") for n in dt.available_methods()
                                           for v in [{}, {"dropout": 0.2}, {"bias": "lora_only"}]
                                           if not set(v) - set(dt.get_method(n).config_cls.__dataclass_fields__)])
-def test_fast_paths_equal_the_plain_definition(name, variant, monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fast_paths_equal_the_plain_definition(name, variant, autocast, monkeypatch):
     """Outputs and gradients of every fused path equal the plain per-op computation, with the same
     dropout mask (same RNG state). The input gradients of fused layers are covered too: the
     layer-0 deltas get their gradients through every later layer's input gradient."""
@@ -234,12 +235,21 @@ def test_fast_paths_equal_the_plain_definition(name, variant, monkeypatch):
         model.train()
         batch, target = _llama_batch()
         torch.manual_seed(11)
-        loss = model(**batch, labels=target).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch, labels=target).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in dt.trainable_parameters(model)}
         results.append((loss.detach(), grads))
     (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     assert g1.keys() == g2.keys()
+    if not autocast:
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+        for n in g1:
+            torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6, msg=n)
+        return
+    # bfloat16 keeps 8 bits of mantissa: the two paths round in different places
+    torch.testing.assert_close(l1, l2, rtol=2e-2, atol=1e-3)
     for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6, msg=n)
+        assert g1[n].dtype == torch.float32, n
+        err = (g1[n] - g2[n]).norm() / g2[n].norm().clamp_min(1e-12)
+        assert err < 0.05, (n, float(err))

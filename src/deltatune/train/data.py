@@ -327,6 +327,21 @@ class EncodedSplit:
             chunk = order[s:s + batch_size]
             yield collate([self.ids[i] for i in chunk], [self.labels[i] for i in chunk], self.pad_id)
 
+    def grouped_order(self, batch_size: int, generator: torch.Generator, group_batches: int = 32) -> list[int]:
+        """A random order whose batches hold examples of similar length, so dynamic padding pads
+        little: shuffle, cut into groups of ``group_batches`` batches, sort each group by length,
+        cut it into batches, shuffle the batches (the last, smaller batch stays last)."""
+        perm = torch.randperm(len(self), generator=generator).tolist()
+        span = batch_size * group_batches
+        batches = []
+        for s in range(0, len(perm), span):
+            group = sorted(perm[s:s + span], key=lambda i: len(self.ids[i]))
+            batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+        tail = [b for b in batches if len(b) < batch_size]
+        full = [b for b in batches if len(b) == batch_size]
+        full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return [i for b in full + tail for i in b]
+
     def length_order(self) -> list[int]:
         """Indices sorted by length (longest first): evaluation batches with little padding."""
         return sorted(range(len(self)), key=lambda i: (-len(self.ids[i]), i))

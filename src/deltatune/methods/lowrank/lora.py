@@ -222,13 +222,22 @@ class LoraDelta(Delta):
 
     def fusable(self, x: torch.Tensor, base: nn.Module) -> bool:
         return self.kind in ("linear", "conv1d_gpt2") and not base.weight.requires_grad and not (
-            base.bias is not None and base.bias.requires_grad) and x.dtype == base.weight.dtype
+            base.bias is not None and base.bias.requires_grad) and (
+            x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
 
     def fused_apply(self, x, base, magnitude, norm):
         A, B = self.factors()
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        return FusedLoraLinear.apply(x, to_2d(base.weight, self.kind), base.bias, A, B, self.lora_bias,
-                                     magnitude, norm, self.scale, p)
+        args = [x, to_2d(base.weight, self.kind), base.bias, A, B, self.lora_bias, magnitude, norm]
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # what autocast would do to each matmul: run them all in its dtype (the casts are
+            # in the graph, so the fp32 parameters get fp32 gradients)
+            dtype = torch.get_autocast_dtype(device)
+            args = [None if t is None else t.to(dtype) for t in args]
+            with torch.autocast(device, enabled=False):
+                return FusedLoraLinear.apply(*args, self.scale, p)
+        return FusedLoraLinear.apply(*args, self.scale, p)
 
     def forward(self, x, y, base):
         y = y + self.lora_out(x, base)
