@@ -324,3 +324,20 @@ def test_prompt_tuning_extends_mask_and_keeps_output_aligned():
         assert m(input_ids=ids).logits.shape == (2, 10, 512)
     dt.delete_adapter(m, "default")
     assert not m._forward_pre_hooks and not m._forward_hooks, "deleting the last prompt adapter removes its hooks"
+
+
+def test_lora_dropout_mask_has_rate_p_and_independent_elements():
+    from deltatune.methods.lowrank.lora import dropout_mask
+    torch.manual_seed(0)
+    x = torch.zeros(512, 384)
+    for p in (0.05, 0.1, 0.5):
+        m = dropout_mask(x, p).float()
+        assert m.shape == x.shape
+        assert abs(m.mean().item() - p) < 0.005, (p, m.mean().item())
+        # neighbours (which share a 64-bit random word) are uncorrelated
+        a, b = m.flatten()[0::2], m.flatten()[1::2]
+        corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+        assert abs(corr.item()) < 0.01
+    assert not torch.equal(dropout_mask(x, 0.1), dropout_mask(x, 0.1))
+    odd = dropout_mask(torch.zeros(3, 7), 0.3)        # sizes not a multiple of 4
+    assert odd.shape == (3, 7) and odd.dtype == torch.bool

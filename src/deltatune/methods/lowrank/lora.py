@@ -83,6 +83,15 @@ class LoraConfig(BaseConfig):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Where dropout zeroes ``x`` (True = dropped): each element independently with probability
+    ``p`` (to 1/65536). Four 16-bit draws come from each 64-bit random word, about 5x faster on a
+    CPU than ``bernoulli_``, whose per-element draws cost LoRA-with-dropout ~8 % of a MiniLM step."""
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    return (words.view(torch.int16)[:n] < round(p * 65536) - 32768).view(x.shape)
+
+
 class FusedLoraLinear(torch.autograd.Function):
     """``g * (x W^T + s (drop(x) A^T) B^T) + b (+ lora_bias)`` for a frozen ``W`` in one function;
     ``g = magnitude / norm`` per output unit is DoRA's rescaling (``g = 1`` for LoRA, where the
@@ -93,20 +102,19 @@ class FusedLoraLinear(torch.autograd.Function):
     (they go into ``addmm_``), and in backward ``g B`` is computed once and shared between the
     factor gradients and the input gradient, which is accumulated with ``addmm_`` too. DoRA keeps
     one full-size tensor (the pre-scale output, for the magnitude's gradient) where composed ops
-    keep three. The dropout mask is drawn exactly as ``F.dropout`` draws it, so both paths agree
-    for the same RNG state.
+    keep three. The dropout mask comes from ``dropout_mask`` on both paths, so they agree for the
+    same RNG state.
     """
 
     @staticmethod
     def forward(ctx, x, w2, bias, A, B, lora_bias, magnitude, norm, scale: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
-        mask = None
-        xd = x2
+        drop = None
         if p > 0:
-            noise = torch.empty_like(x2).bernoulli_(1 - p)
-            mask = noise.bool()
-            xd = x2 * noise.div_(1 - p)
-        z = xd @ A.t()
+            drop = dropout_mask(x2, p)
+            z = (x2.masked_fill(drop, 0) @ A.t()).mul_(1 / (1 - p))
+        else:
+            z = x2 @ A.t()
         pre = None
         if magnitude is None:
             out = torch.addmm(bias, x2, w2.t()) if bias is not None else x2 @ w2.t()
@@ -118,13 +126,13 @@ class FusedLoraLinear(torch.autograd.Function):
                 out += bias
         if lora_bias is not None:
             out += lora_bias
-        ctx.save_for_backward(x2, mask, z, w2, A, B, pre, magnitude, norm)
+        ctx.save_for_backward(x2, drop, z, w2, A, B, pre, magnitude, norm)
         ctx.scale, ctx.p, ctx.has_lora_bias = scale, p, lora_bias is not None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x2, mask, z, w2, A, B, pre, magnitude, norm = ctx.saved_tensors
+        x2, drop, z, w2, A, B, pre, magnitude, norm = ctx.saved_tensors
         s, p = ctx.scale, ctx.p
         g2 = g.reshape(-1, g.shape[-1])
         dA = dB = dx = dlb = dmag = None
@@ -138,14 +146,16 @@ class FusedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             dB = (g2.t() @ z).mul_(s)
         if ctx.needs_input_grad[3]:
-            xd = x2 if mask is None else x2 * mask * (1.0 / (1 - p))
-            dA = (gB.t() @ xd).mul_(s)
+            if drop is None:
+                dA = (gB.t() @ x2).mul_(s)
+            else:
+                dA = (gB.t() @ x2.masked_fill(drop, 0)).mul_(s / (1 - p))
         if ctx.needs_input_grad[0]:
             dx = g2 @ w2
-            if mask is None:
+            if drop is None:
                 dx.addmm_(gB, A, alpha=s)
             else:
-                dx += (gB @ A).mul_(s / (1 - p)).masked_fill_(~mask, 0)
+                dx += (gB @ A).mul_(s / (1 - p)).masked_fill_(drop, 0)
             dx = dx.reshape(*g.shape[:-1], dx.shape[-1])
         return dx, None, None, dA, dB, dlb, dmag, None, None, None
 
@@ -161,7 +171,7 @@ class LoraDelta(Delta):
         if init in SVD_INITS and r > min(out, fan_in):
             raise DeltatuneError(f"{init} init needs r <= min(out, fan_in) = {min(out, fan_in)}, got r={r}")
         self.kind, self.r, self.scale = kind, r, scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         self.lora_A = nn.Parameter(torch.zeros(r, fan_in, dtype=dtype, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out, r, dtype=dtype, device=base.weight.device))
@@ -205,7 +215,8 @@ class LoraDelta(Delta):
             z = F.embedding(x, A.t(), base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)
             return F.linear(z, B) * self.scale
-        x = self.dropout(x)
+        if self.training and self.dropout > 0:
+            x = x.masked_fill(dropout_mask(x, self.dropout), 0) * (1 / (1 - self.dropout))
         if self.kind == "conv":
             w = base.weight
             conv = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
@@ -227,7 +238,7 @@ class LoraDelta(Delta):
 
     def fused_apply(self, x, base, magnitude, norm):
         A, B = self.factors()
-        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        p = self.dropout if self.training else 0.0
         args = [x, to_2d(base.weight, self.kind), base.bias, A, B, self.lora_bias, magnitude, norm]
         device = x.device.type
         if torch.is_autocast_enabled(device):
@@ -253,7 +264,7 @@ class LoraDelta(Delta):
         zero-padded) and applied with two batched matmuls, whatever the number of adapters."""
         d0 = deltas[0]
         if d0.kind not in ("linear", "conv1d_gpt2") or type(d0) is not LoraDelta or (
-                training and any(not isinstance(d.dropout, nn.Identity) for d in deltas)):
+                training and any(d.dropout > 0 for d in deltas)):
             return None
         factors = [d.factors() for d in deltas]
         rmax = max(A.shape[0] for A, _ in factors)
