@@ -154,7 +154,7 @@ def test_epoch_seeds_differ_and_are_stable():
 def test_train_in_process_writes_metrics_adapter_checkpoint(tiny_model, toy_csv, tmp_path, capsys):
     out = tmp_path / "run"
     args = TrainArgs(model=str(tiny_model), data=str(toy_csv), method="lora",
-                     method_options={"r": 4, "targets": ["query", "value"]}, epochs=4, lr=5e-2, batch_size=16,
+                     method_options={"r": 4, "targets": ["query", "value"]}, epochs=6, lr=5e-2, batch_size=16,
                      max_length=32, out=str(out), progress=False, device="cpu")
     metrics = train(args)
     printed = capsys.readouterr().out
@@ -165,12 +165,12 @@ def test_train_in_process_writes_metrics_adapter_checkpoint(tiny_model, toy_csv,
     for key in ("test_accuracy", "trainable_params", "total_params", "train_seconds", "peak_memory_mb", "method",
                 "model", "data", "epochs", "lr", "history"):
         assert key in metrics
-    assert len(metrics["history"]) == 4 and metrics["epochs"] == 4
+    assert len(metrics["history"]) == 6 and metrics["epochs"] == 6
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
     # LoRA r=4 on query,value of 2 layers (hidden 32) + the 3-way head
     assert metrics["trainable_params"] == 2 * 2 * 4 * (32 + 32) + 32 * 3 + 3
     assert (out / "adapter_config.json").is_file() and (out / "adapter.safetensors").is_file()
-    assert load_checkpoint(out / CHECKPOINT_FILE).epoch == 4
+    assert load_checkpoint(out / CHECKPOINT_FILE).epoch == 6
 
     # the saved adapter (with its head) reproduces the trained model's test accuracy
     from deltatune.train.data import encode_task, load_task

@@ -237,7 +237,8 @@ def train(args: Any) -> dict[str, Any]:
     for epoch in range(start_epoch, a.epochs):
         torch.manual_seed(derive_seed(a.seed, epoch, "torch"))
         order_gen = torch.Generator().manual_seed(derive_seed(a.seed, epoch, "order"))
-        order = torch.randperm(len(train_split), generator=order_gen).tolist()
+        # batches of similar lengths, in random order: dynamic padding then pads little
+        order = train_split.grouped_order(a.batch_size, order_gen)
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
         bar = None
