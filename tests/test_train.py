@@ -336,3 +336,17 @@ def test_bare_cli_train_on_bbc_subprocess(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "bbc" / "metrics.json").read_text())
     assert m["test_accuracy"] > 0.9 and m["method_config"]["r"] == 8
+
+
+def test_bf16_precision_trains_and_is_recorded(tiny_model, toy_csv, tmp_path):
+    args = TrainArgs(model=str(tiny_model), data=str(toy_csv), method="lora",
+                     method_options={"r": 4, "targets": ["query", "value"]}, epochs=2, lr=5e-2, batch_size=16,
+                     max_length=32, out=str(tmp_path / "bf16"), progress=False, device="cpu", precision="bf16")
+    metrics = train(args)
+    assert metrics["precision"] == "bf16"
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    # parameters stay fp32: the saved adapter is fp32
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "bf16" / "adapter.safetensors").values())
+    with pytest.raises(ValueError, match="precision"):
+        TrainArgs(precision="fp8").validate()

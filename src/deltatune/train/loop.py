@@ -39,6 +39,8 @@ WARMUP_FRACTION = 0.06
 MAX_GRAD_NORM = 1.0
 METRICS_FILE = "metrics.json"
 HEAD = "classifier"
+# bf16: matmuls under torch.autocast in bfloat16 (weights, optimizer state and the loss stay fp32)
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class TrainArgs:
     seed: int = 0
     weight_decay: float = 0.01
     head_dropout: float = 0.1
+    precision: str = "fp32"
     out: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -77,6 +80,8 @@ class TrainArgs:
             raise DeltatuneError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise DeltatuneError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise DeltatuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.head_dropout < 1:
             raise DeltatuneError(f"--head-dropout must be in [0, 1), got {self.head_dropout!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
@@ -152,14 +157,20 @@ def method_config(method: str, options: dict[str, Any]):
     return dt.config(method, trainable_modules=modules, **opts)
 
 
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, split, batch_size: int, device: torch.device,
+             precision: str = "fp32") -> dict[str, float]:
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for batch in split.batches(batch_size, split.length_order()):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits, loss = model(**batch)
+        with autocast(device, precision):
+            logits, loss = model(**batch)
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         loss_sum += float(loss) * len(batch["labels"])
         n += len(batch["labels"])
@@ -250,7 +261,8 @@ def train(args: Any) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in batch.items()}
             group = i // a.grad_accum
             group_size = min(a.grad_accum, batches_per_epoch - group * a.grad_accum)
-            _, loss = model(**batch)
+            with autocast(device, a.precision):
+                _, loss = model(**batch)
             if not torch.isfinite(loss):
                 raise DeltatuneError(f"epoch {epoch + 1}, batch {i}: the loss is {float(loss)}; lower --lr "
                                      f"(now {lr:g})")
@@ -270,7 +282,7 @@ def train(args: Any) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
-        ev = evaluate(model, test_split, a.eval_batch_size, device)
+        ev = evaluate(model, test_split, a.eval_batch_size, device, a.precision)
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), **ev,
                   "train_seconds": round(seconds, 3), "eval_seconds": round(time.perf_counter() - t0 - seconds, 3)}
         history.append(record)
@@ -301,6 +313,7 @@ def train(args: Any) -> dict[str, Any]:
         "batch_size": a.batch_size,
         "grad_accum": a.grad_accum,
         "max_length": a.max_length,
+        "precision": a.precision,
         "seed": a.seed,
         "steps": step,
         "device": str(device),
