@@ -50,6 +50,11 @@ class Workload:
     batch: dict[str, torch.Tensor]
     loss: Callable[[nn.Module, dict], torch.Tensor]
     input_embeddings: Callable[[nn.Module], nn.Module]
+    # the memory runs build one configuration on the base itself: a copy would stay in the peak
+    consume_base: bool = False
+
+    def model(self) -> nn.Module:
+        return self.base if self.consume_base else copy.deepcopy(self.base)
 
 
 def _bbc_texts(n: int) -> list[str]:
@@ -102,7 +107,7 @@ def _require_peft():
 
 def _ours(w: Workload, method: str, r: int, targets, dropout: float) -> nn.Module:
     import deltatune as dt
-    m = copy.deepcopy(w.base)
+    m = w.model()
     extra = {"trainable_modules": [HEAD]} if w.name == "minilm" else {}
     dt.attach(m, dt.config(method, r=r, alpha=2.0 * r, dropout=dropout, targets=targets, **extra))
     return m
@@ -110,7 +115,7 @@ def _ours(w: Workload, method: str, r: int, targets, dropout: float) -> nn.Modul
 
 def _peft(w: Workload, r: int, targets, dropout: float, dora: bool = False) -> nn.Module:
     peft = _require_peft()
-    m = copy.deepcopy(w.base)
+    m = w.model()
     if isinstance(targets, str) and targets.startswith("re:"):
         targets = targets[3:]
     extra = {"modules_to_save": [HEAD]} if w.name == "minilm" else {}
@@ -120,7 +125,7 @@ def _peft(w: Workload, r: int, targets, dropout: float, dora: bool = False) -> n
 
 
 def _floor(w: Workload) -> nn.Module:
-    m = copy.deepcopy(w.base)
+    m = w.model()
     m.requires_grad_(False)
     # the embedding output asks for a gradient, so backward runs through every layer but no
     # weight gradient is formed
@@ -129,7 +134,7 @@ def _floor(w: Workload) -> nn.Module:
 
 
 def _full(w: Workload) -> nn.Module:
-    m = copy.deepcopy(w.base)
+    m = w.model()
     m.requires_grad_(True)
     return m
 
@@ -224,7 +229,7 @@ def bench_inference(w: Workload, rounds: int, progress) -> dict[str, dict[str, f
             return lambda: m(b["input_ids"], b["attention_mask"])
         return lambda: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
-    plain = copy.deepcopy(w.base).eval()
+    plain = w.model().eval()
     single = _ours(w, "lora", 8, qv, 0.0).eval()
     for n, p in single.named_parameters():
         if "lora_B" in n:
@@ -232,14 +237,14 @@ def bench_inference(w: Workload, rounds: int, progress) -> dict[str, dict[str, f
                 p.normal_(std=0.02)
     peft_single = _peft(w, 8, qv, 0.0).eval()
 
-    ours_many = copy.deepcopy(w.base).eval()
+    ours_many = w.model().eval()
     names32 = [f"a{i}" for i in range(32)]
     _lora_adapters(ours_many, names32, qv)
     per32 = [names32[i % 32] for i in range(64)]
     per8 = [names32[i % 8] for i in range(64)]
 
-    peft_many = peft.get_peft_model(copy.deepcopy(w.base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=(
-        qv[3:] if isinstance(qv, str) else qv)), adapter_name=names32[0])
+    peft_many = peft.get_peft_model(w.model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=qv),
+                                    adapter_name=names32[0])
     for n in names32[1:]:
         peft_many.add_adapter(n, peft.LoraConfig(r=8, lora_alpha=16, target_modules=qv))
     for pn, p in peft_many.named_parameters():
@@ -280,8 +285,8 @@ def bench_inference(w: Workload, rounds: int, progress) -> dict[str, dict[str, f
 
 def memory_worker(workload: str, config: str, steps: int) -> dict[str, float]:
     w = load_workload(workload)
+    w.consume_base = True
     m = training_configs(workload)[config](w)
-    del w.base
     m.train()
     params = _trainable(m)
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
