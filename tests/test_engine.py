@@ -341,3 +341,56 @@ def test_lora_dropout_mask_has_rate_p_and_independent_elements():
     assert not torch.equal(dropout_mask(x, 0.1), dropout_mask(x, 0.1))
     odd = dropout_mask(torch.zeros(3, 7), 0.3)        # sizes not a multiple of 4
     assert odd.shape == (3, 7) and odd.dtype == torch.bool
+
+
+class _Siblings(nn.Module):
+    """q/k/v siblings; ``k`` reads another tensor than q and v when ``split`` is set."""
+
+    def __init__(self, split: bool):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(8, 8)
+        self.split = split
+
+    def forward(self, x):
+        k_in = x * 2 if self.split else x
+        return self.query(x).sum() + self.key(k_in).sum() * 0.5 + self.value(x).pow(2).sum()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["shared-input", "k-reads-another-tensor"])
+def test_shared_input_group_equals_separate_layers(split, monkeypatch):
+    from deltatune.core import wrapper
+    computed = []
+    original = wrapper.SharedInput.compute
+    monkeypatch.setattr(wrapper.SharedInput, "compute",
+                        lambda self, layer, x: computed.append(layer) or original(self, layer, x))
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(wrapper, "FAST_PATHS", fast)
+        torch.manual_seed(0)
+        m = _Siblings(split)
+        dt.attach(m, dt.config("lora", r=2, targets=["query", "key", "value"], bias="lora_only"))
+        assert m.query.shared is m.key.shared is m.value.shared is not None
+        with torch.no_grad():
+            for _, p in dt.trainable_parameters(m):
+                p.add_(torch.randn(p.shape) * 0.1)
+        x = torch.randn(3, 5, 8, requires_grad=True)
+        out = m(x)
+        out.backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in dt.trainable_parameters(m)}, m))
+    (o1, gx1, g1, m), (o2, gx2, g2, _) = results
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(gx1, gx2)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], msg=n)
+    # one grouped computation; when k reads another tensor it computes alone and leaves the group
+    assert len(computed) == 1
+    assert m.key.shared.left == ({id(m.key)} if split else set())
+
+
+def test_shared_input_group_is_dropped_when_siblings_go():
+    m = _Siblings(False)
+    dt.attach(m, dt.config("lora", targets=["query", "value"]))
+    assert m.query.shared is m.value.shared is not None
+    dt.attach(m, dt.config("lora", targets=["query"]), name="other")
+    dt.delete_adapter(m, "default")
+    assert m.query.shared is None                       # value is unwrapped: no group left

@@ -19,7 +19,7 @@ from .config import BaseConfig
 from .errors import DeltatuneError
 from .layers import layer_kind
 from .registry import Method, get_method
-from .wrapper import DeltaLayer, ModuleCopies
+from .wrapper import SHARED_INPUT_SETS, SharedInput, DeltaLayer, ModuleCopies
 
 _ADAPTERS = "_deltatune_adapters"      # plain attribute on the root model: name -> config
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -272,6 +272,19 @@ def _follow_mode(container: nn.Module, inner: nn.Module) -> None:
             m.training = inner.training
 
 
+def _group_shared_inputs(model: nn.Module) -> None:
+    """Link sibling wrappers that read the same input (q/k/v, gate/up: SHARED_INPUT_SETS) so their
+    deltas can be computed in one pass over it. Only a speed-up: see SharedInput."""
+    for parent in model.modules():
+        children = {n: c for n, c in parent.named_children() if isinstance(c, DeltaLayer)}
+        for names in SHARED_INPUT_SETS:
+            layers = [children[n] for n in sorted(names) if n in children]
+            same = len({(layer.kind, getattr(layer.base, "in_features", None)) for layer in layers}) == 1
+            group = SharedInput(layers) if len(layers) > 1 and same and layers[0].kind == "linear" else None
+            for layer in layers:
+                layer.shared = group
+
+
 def install(model: nn.Module, p: Plan, trainable: bool) -> None:
     for mod_name, module, parent, attr, kind, delta in p.deltas:
         wrapper = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind)
@@ -291,6 +304,7 @@ def install(model: nn.Module, p: Plan, trainable: bool) -> None:
             setattr(parent, attr, holder)
         dup.train(model.training)
     adapters(model)[p.name] = p.cfg
+    _group_shared_inputs(model)
     for param in model.parameters():
         param.requires_grad_(False)
     if trainable:
@@ -406,6 +420,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 setattr(parent, attr, module.base)
     del adapters(model)[name]
     model.__dict__["_deltatune_active"] = [n for n in active_adapters(model) if n != name]
+    _group_shared_inputs(model)
 
 
 # ----------------------------------------------------------------------------- merging

@@ -160,6 +160,60 @@ class FusedLoraLinear(torch.autograd.Function):
         return dx, None, None, dA, dB, dlb, dmag, None, None, None
 
 
+class FusedLoraGroup(torch.autograd.Function):
+    """Several LoRA layers on one input (q/k/v, gate/up), without dropout: ``FusedLoraLinear`` for
+    each, except that the input is read once for all the down-projections (``x [A_1; A_2; ...]^T``)
+    and once for all their gradients, and the input gradient takes all the low-rank terms in one
+    ``addmm_``. An output the model never used gets no gradient and costs nothing in backward."""
+
+    @staticmethod
+    def forward(ctx, x, n: int, scales: tuple, *tensors):
+        x2 = x.reshape(-1, x.shape[-1])
+        ws, biases, As, Bs, lbs = (tensors[i * n:(i + 1) * n] for i in range(5))
+        A_cat = torch.cat(As)
+        Z = x2 @ A_cat.t()
+        ranks = [A.shape[0] for A in As]
+        outs = []
+        for w2, b, z, B, lb, s in zip(ws, biases, Z.split(ranks, dim=1), Bs, lbs, scales):
+            y = torch.addmm(b, x2, w2.t()) if b is not None else x2 @ w2.t()
+            y.addmm_(z, B.t(), alpha=s)
+            if lb is not None:
+                y += lb
+            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+        ctx.save_for_backward(x2, Z, A_cat, *ws, *Bs)
+        ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
+        ctx.has_lb = [lb is not None for lb in lbs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, Z, A_cat, *rest = ctx.saved_tensors
+        n, scales, ranks = ctx.n, ctx.scales, ctx.ranks
+        ws, Bs = rest[:n], rest[n:]
+        need = ctx.needs_input_grad
+        dx = None
+        gBs, dBs, dlbs = [], [None] * n, [None] * n
+        for i, (g, w2, B, z, s) in enumerate(zip(grads, ws, Bs, Z.split(ranks, dim=1), scales)):
+            if g is None:
+                gBs.append(Z.new_zeros(Z.shape[0], ranks[i]))
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            gBs.append(g2 @ B * s)
+            if need[3 + 3 * n + i]:
+                dBs[i] = (g2.t() @ z).mul_(s)
+            if ctx.has_lb[i] and need[3 + 4 * n + i]:
+                dlbs[i] = g2.sum(0)
+            if need[0]:
+                dx = g2 @ w2 if dx is None else dx.addmm_(g2, w2)
+        gB = torch.cat(gBs, dim=1)
+        dA = gB.t() @ x2
+        dAs = list(dA.split(ranks))
+        if need[0]:
+            dx = gB @ A_cat if dx is None else dx.addmm_(gB, A_cat)
+            dx = dx.reshape(ctx.x_shape)
+        return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs)
+
+
 class LoraDelta(Delta):
     def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
                  init: str, bias: bool, loading: bool = False):
@@ -249,6 +303,21 @@ class LoraDelta(Delta):
             with torch.autocast(device, enabled=False):
                 return FusedLoraLinear.apply(*args, self.scale, p)
         return FusedLoraLinear.apply(*args, self.scale, p)
+
+    @staticmethod
+    def grouped_forward(members: list[tuple["LoraDelta", nn.Module]], x: torch.Tensor):
+        """Outputs of several wrapped layers that read ``x`` (see ``FusedLoraGroup``); None where
+        the group does not apply (dropout while training, autocast, another delta type)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        for d, base in members:
+            if type(d) is not LoraDelta or d.kind != "linear" or not d.fusable(x, base) or (
+                    d.training and d.dropout > 0):
+                return None
+        factors = [d.factors() for d, _ in members]
+        tensors = ([base.weight for _, base in members] + [base.bias for _, base in members]
+                   + [A for A, _ in factors] + [B for _, B in factors] + [d.lora_bias for d, _ in members])
+        return FusedLoraGroup.apply(x, len(members), tuple(d.scale for d, _ in members), *tensors)
 
     def forward(self, x, y, base):
         y = y + self.lora_out(x, base)
