@@ -394,3 +394,13 @@ def test_shared_input_group_is_dropped_when_siblings_go():
     dt.attach(m, dt.config("lora", targets=["query"]), name="other")
     dt.delete_adapter(m, "default")
     assert m.query.shared is None                       # value is unwrapped: no group left
+
+
+def test_shared_input_group_under_inference_mode():
+    m = _Siblings(False)
+    dt.attach(m, dt.config("lora", targets=["query", "key", "value"]))
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = m(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), expected)

@@ -277,6 +277,7 @@ def bench_inference(w: Workload, rounds: int, progress) -> dict[str, dict[str, f
         "peft mixed 64 over 32 adapters": peft_mixed(per32),
         "deltatune mixed 64 over 8 adapters": ours_mixed(per8),
         "deltatune 64 with one adapter": ours_one,
+        "plain model 64": call(plain, wide),    # the least any mixed batch of 64 can cost
     }
     with torch.inference_mode():
         times = time_interleaved(fns, rounds, progress=progress)

@@ -76,7 +76,7 @@ class SharedInput:
 
     def output(self, layer: "DeltaLayer", x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output for ``x`` from the group, or None: compute it alone."""
-        if id(layer) in self.left:
+        if id(layer) in self.left or x.is_inference():     # inference tensors have no version counter
             return None
         k = self.key
         if k is not None and k[0] is x and k[1] == x._version and k[2] == torch.is_grad_enabled():

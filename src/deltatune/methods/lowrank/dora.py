@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ...core.config import method_config
-from ...core.layers import channel_view, merge_bias_shift, out_in, to_2d
+from ...core.layers import channel_view, out_in, to_2d
 from ...core.registry import Method, register
 from .lora import DEFAULT_TARGETS, LoraConfig, LoraDelta
+from .lora import expected_parameters as lora_expected_parameters
 
 
 @method_config
@@ -65,22 +66,15 @@ class DoraDelta(LoraDelta):
 
     def merge(self, w2, b):
         full = w2 + self.delta_2d()
-        w2 = full * (self.magnitude.double() / full.norm(dim=1))[:, None]
-        if self.lora_bias is not None:
-            w2, b = merge_bias_shift(w2, b, self.lora_bias, self.kind)
-        return w2, b
+        return self.merge_bias(full * (self.magnitude.double() / full.norm(dim=1))[:, None], b)
 
 
-def make_delta(base: nn.Module, kind: str, cfg: DoraConfig, name: str, loading: bool = False) -> DoraDelta:
-    r, alpha = cfg.rank_alpha(name)
-    return DoraDelta(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading)
+make_delta = DoraDelta.from_config
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: DoraConfig, name: str) -> int:
-    """LoRA's ``r (fan_in + out)`` plus the magnitude vector (``out``)."""
-    r, _ = cfg.rank_alpha(name)
-    out, fan_in = out_in(base, kind)
-    return r * (fan_in + out) + out + (out if cfg.bias != "none" else 0)
+    """LoRA's ``r (fan_in + out)`` (+ ``out`` with a trained bias) plus the magnitude (``out``)."""
+    return lora_expected_parameters(base, kind, cfg, name) + out_in(base, kind)[0]
 
 
 DORA = register(Method(

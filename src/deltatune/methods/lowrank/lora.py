@@ -359,15 +359,20 @@ class LoraDelta(Delta):
         return self.scale * (B.to(dtype) @ A.to(dtype))
 
     def merge(self, w2, b):
-        w2 = w2 + self.delta_2d()
+        return self.merge_bias(w2 + self.delta_2d(), b)
+
+    def merge_bias(self, w2, b):
         if self.lora_bias is not None:
             w2, b = merge_bias_shift(w2, b, self.lora_bias, self.kind)
         return w2, b
 
+    @classmethod
+    def from_config(cls, base: nn.Module, kind: str, cfg: LoraConfig, name: str, loading: bool = False):
+        r, alpha = cfg.rank_alpha(name)
+        return cls(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading)
 
-def make_delta(base: nn.Module, kind: str, cfg: LoraConfig, name: str, loading: bool = False) -> LoraDelta:
-    r, alpha = cfg.rank_alpha(name)
-    return LoraDelta(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading)
+
+make_delta = LoraDelta.from_config
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: LoraConfig, name: str) -> int:
