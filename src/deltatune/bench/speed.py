@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
+from ..train.loop import peak_rss_mb
 
 HEAD = "classifier"
 TARGETS = {
@@ -167,10 +167,6 @@ def _step(w: Workload, model: nn.Module, opt) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ----------------------------------------------------------------------------- timing
 
 def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
@@ -291,10 +287,10 @@ def memory_worker(workload: str, config: str, steps: int) -> dict[str, float]:
     m.train()
     params = _trainable(m)
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     for _ in range(steps):
         _step(w, m, opt)
-    return {"peak_rss_mb": round(_peak_rss_mb(), 1), "peak_rss_before_training_mb": round(before, 1)}
+    return {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_before_training_mb": round(before, 1)}
 
 
 def bench_memory(workload: str, steps: int, progress) -> dict[str, dict[str, float]]:

@@ -8,6 +8,19 @@ gradient clipping at norm 1.0. Each epoch evaluates on the test split and writes
 checkpoint (``checkpoint.safetensors``); the end writes the adapter (``dt.save_adapter``) and
 ``metrics.json`` to the output folder.
 
+Baselines: ``method="full"`` (every parameter of the encoder and the head trains, no adapter)
+and ``method="head"`` (a linear probe: only the new head trains on the frozen encoder) are the
+two yardsticks every method is measured against. They are not adapters, so they stay out of
+deltatune's method registry: ``train`` handles them in one branch (``prepare_baseline``), and
+they save no adapter file; their trained parameters are in the checkpoint.
+
+Time budget: with ``budget_seconds`` the run stops once that many seconds were spent in
+training steps (loading, tokenizing and evaluation are not counted): the step in progress is
+finished, the model is evaluated, and ``metrics.json`` says ``stopped_early: true`` with the
+steps and epochs done. The learning-rate schedule is still planned for all ``epochs``, so a
+stopped run is the same run cut short, not a shorter run with a faster decay. A partial epoch
+writes no checkpoint: ``--resume`` continues from the last complete epoch.
+
 Reproducibility: at the start of epoch ``e`` the global torch RNG is seeded from
 ``(seed, e)`` and the data order comes from a generator seeded from ``(seed, e)``, so a run
 resumed from the checkpoint of epoch ``e`` retraces the uninterrupted run exactly (same
@@ -41,6 +54,10 @@ METRICS_FILE = "metrics.json"
 HEAD = "classifier"
 # bf16: matmuls under torch.autocast in bfloat16 (weights, optimizer state and the loss stay fp32)
 PRECISIONS = ("fp32", "bf16")
+# baselines (not adapters) -> default learning rate. full: the usual BERT fine-tuning rate
+# (Devlin et al. sweep 2e-5..5e-5); head: a linear probe on frozen features needs a far larger one.
+# The sweep behind these numbers is in docs/results/README.md.
+BASELINES = {"full": 5e-5, "head": 1e-2}
 
 
 @dataclasses.dataclass
@@ -67,9 +84,10 @@ class TrainArgs:
     resume: bool = False
     device: str = "auto"
     progress: bool = True
+    budget_seconds: float | None = None
 
     # arguments that may change between an interrupted run and its resumption
-    RESUMABLE_CHANGES = ("out", "resume", "device", "progress", "eval_batch_size")
+    RESUMABLE_CHANGES = ("out", "resume", "device", "progress", "eval_batch_size", "budget_seconds")
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -80,6 +98,13 @@ class TrainArgs:
             raise DeltatuneError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise DeltatuneError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.budget_seconds is not None and not (
+                isinstance(self.budget_seconds, (int, float)) and not isinstance(self.budget_seconds, bool)
+                and self.budget_seconds > 0 and math.isfinite(self.budget_seconds)):
+            raise DeltatuneError(f"--budget-seconds must be a positive number of seconds, got {self.budget_seconds!r}")
+        if self.method in BASELINES and self.method_options:
+            raise DeltatuneError(f"--method {self.method} is a baseline without options, got "
+                                 f"{sorted(self.method_options)}; drop them or pick an adapter method")
         if self.precision not in PRECISIONS:
             raise DeltatuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.head_dropout < 1:
@@ -128,10 +153,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB. On Linux VmHWM, which starts afresh at exec;
+    ru_maxrss does not (a child started by a big parent would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024    # bytes on macOS, KiB on Linux
-    out = {"peak_memory_mb": round(rss_mb, 1)}
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024     # bytes on macOS, KiB on Linux
+
+
+def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
+    out = {"peak_memory_mb": round(peak_rss_mb(), 1)}
     if device is not None and device.type == "cuda":
         out["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return out
@@ -155,6 +192,14 @@ def method_config(method: str, options: dict[str, Any]):
     if HEAD not in modules:
         modules.append(HEAD)
     return dt.config(method, trainable_modules=modules, **opts)
+
+
+def prepare_baseline(model: torch.nn.Module, method: str) -> None:
+    """Set which parameters train for a baseline: all of them (``full``) or only the head (``head``)."""
+    if method not in BASELINES:
+        raise DeltatuneError(f"{method!r} is not a baseline; baselines are {', '.join(BASELINES)}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(method == "full" or name.split(".")[0] == HEAD)
 
 
 def autocast(device: torch.device, precision: str):
@@ -189,9 +234,10 @@ def train(args: Any) -> dict[str, Any]:
 
     a = TrainArgs.from_any(args)
     a.validate()
-    method = dt.get_method(a.method)
-    lr = float(a.lr) if a.lr is not None else float(method.default_lr)
-    cfg = method_config(a.method, a.method_options)     # validate before the slow parts
+    baseline = a.method in BASELINES
+    cfg = None if baseline else method_config(a.method, a.method_options)    # validate before the slow parts
+    default_lr = BASELINES[a.method] if baseline else dt.get_method(a.method).default_lr
+    lr = float(a.lr) if a.lr is not None else float(default_lr)
     out = a.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT_FILE
@@ -216,7 +262,10 @@ def train(args: Any) -> dict[str, Any]:
     tokenizer = load_tokenizer(a.model)
     train_split, test_split = encode_task(tokenizer, task, a.max_length)
     model = build_classifier(a.model, task.num_labels, seed=a.seed, dropout=a.head_dropout)
-    dt.attach(model, cfg)
+    if baseline:
+        prepare_baseline(model, a.method)
+    else:
+        dt.attach(model, cfg)
     model.to(device)
     trainable, total = dt.count_parameters(model)
     _log(f"{a.method} on {a.model}: {trainable:,} trainable of {total:,} parameters "
@@ -231,7 +280,7 @@ def train(args: Any) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
 
     history: list[dict[str, Any]] = []
-    step, start_epoch = 0, 0
+    step, start_epoch, stopped_early = 0, 0, False
     if ckpt is not None:
         restore(ckpt, model, optimizer, scheduler)
         history, step, start_epoch = list(ckpt.metrics), ckpt.step, ckpt.epoch
@@ -244,8 +293,16 @@ def train(args: Any) -> dict[str, Any]:
     except ImportError:     # tqdm is optional: plain iteration without a progress bar
         tqdm = None
 
+    def budget_spent(epoch_seconds: float) -> bool:
+        spent = sum(h["train_seconds"] for h in history) + epoch_seconds
+        return a.budget_seconds is not None and spent >= a.budget_seconds
+
     model.train()
     for epoch in range(start_epoch, a.epochs):
+        if budget_spent(0.0):       # e.g. resumed with a budget the earlier epochs already used
+            stopped_early = True
+            _log(f"the time budget of {a.budget_seconds:g} s is spent; stopping before epoch {epoch + 1}")
+            break
         torch.manual_seed(derive_seed(a.seed, epoch, "torch"))
         order_gen = torch.Generator().manual_seed(derive_seed(a.seed, epoch, "order"))
         # batches of similar lengths, in random order: dynamic padding then pads little
@@ -276,22 +333,39 @@ def train(args: Any) -> dict[str, Any]:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                # checked after a whole optimizer step, never inside gradient accumulation
+                if i + 1 < batches_per_epoch and budget_spent(time.perf_counter() - t0):
+                    stopped_early = True
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            if stopped_early:
+                break
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
         ev = evaluate(model, test_split, a.eval_batch_size, device, a.precision)
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), **ev,
                   "train_seconds": round(seconds, 3), "eval_seconds": round(time.perf_counter() - t0 - seconds, 3)}
+        if stopped_early:
+            record["partial"] = True
         history.append(record)
-        _log(f"epoch {epoch + 1}/{a.epochs}: train loss {record['train_loss']:.4f}, "
-             f"test loss {ev['test_loss']:.4f}, test accuracy {ev['test_accuracy']:.4f} ({seconds:.1f} s)")
+        _log(f"epoch {epoch + 1}/{a.epochs}{' (partial)' if stopped_early else ''}: "
+             f"train loss {record['train_loss']:.4f}, test loss {ev['test_loss']:.4f}, "
+             f"test accuracy {ev['test_accuracy']:.4f} ({seconds:.1f} s)")
+        if stopped_early:
+            _log(f"the time budget of {a.budget_seconds:g} s is spent: stopped after {step} of {total_steps} "
+                 f"steps; no checkpoint for the partial epoch")
+            break
         save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch=epoch + 1, step=step, metrics=history,
                         args=_jsonable(a.to_json()))
+        if epoch + 1 < a.epochs and budget_spent(0.0):
+            stopped_early = True
+            _log(f"the time budget of {a.budget_seconds:g} s is spent after epoch {epoch + 1} of {a.epochs}")
+            break
 
-    dt.save_adapter(model, out)
+    if not baseline:        # a baseline's trained parameters are in the checkpoint
+        dt.save_adapter(model, out)
     last = history[-1] if history else {}
     metrics: dict[str, Any] = {
         "test_accuracy": last.get("test_accuracy"),
@@ -302,7 +376,7 @@ def train(args: Any) -> dict[str, Any]:
         "train_seconds": round(sum(h["train_seconds"] for h in history), 3),
         **peak_memory_mb(device),
         "method": a.method,
-        "method_config": cfg.to_dict(),
+        "method_config": cfg.to_dict() if cfg is not None else {"baseline": a.method},
         "model": a.model,
         "data": a.data,
         "label_names": task.label_names,
@@ -316,13 +390,18 @@ def train(args: Any) -> dict[str, Any]:
         "precision": a.precision,
         "seed": a.seed,
         "steps": step,
+        "planned_steps": total_steps,
+        "epochs_completed": sum(1 for h in history if not h.get("partial")),
+        "budget_seconds": a.budget_seconds,
+        "stopped_early": stopped_early,
         "device": str(device),
         "resumed_from_epoch": ckpt.epoch if ckpt is not None else None,
         "history": history,
     }
     metrics = _jsonable(metrics)
     atomic_write_bytes(out / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode())
-    _log(f"test accuracy {metrics['test_accuracy']:.4f}; adapter, checkpoint and {METRICS_FILE} in {out}")
+    saved = "checkpoint" if baseline else "adapter, checkpoint"
+    _log(f"test accuracy {metrics['test_accuracy']:.4f}; {saved} and {METRICS_FILE} in {out}")
     _log(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "method_config", "label_names")}))
     return metrics
 
