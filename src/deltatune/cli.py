@@ -188,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter folder (e.g. the --out of `deltatune train`)")
     m.add_argument("--out", required=True, help="folder for the merged model (save_pretrained, safetensors)")
 
-    b = sub.add_parser("bench", help="benchmarks: speed against Hugging Face PEFT")
-    bsub = b.add_subparsers(dest="bench", metavar="{speed}", required=True)
+    b = sub.add_parser("bench", help="benchmarks: speed against Hugging Face PEFT; methods compared on a task")
+    bsub = b.add_subparsers(dest="bench", metavar="{speed,methods}", required=True)
     from .bench.speed import add_arguments as speed_arguments
     speed_arguments(bsub.add_parser("speed", help="deltatune and PEFT side by side, timed interleaved"))
+    from .bench.methods import add_arguments as methods_arguments
+    methods_arguments(bsub.add_parser(
+        "methods", help="train methods and the full / head-only baselines on one task: report and plots"))
     return parser
 
 
@@ -331,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_inspect(ns)
         if ns.command == "merge":
             return cmd_merge(ns)
+        if ns.command == "bench" and ns.bench == "methods":
+            from .bench.methods import main_methods
+            return main_methods(ns)
         if ns.command == "bench":
             from .bench.speed import main_speed
             return main_speed(ns)
