@@ -350,3 +350,14 @@ def test_bf16_precision_trains_and_is_recorded(tiny_model, toy_csv, tmp_path):
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "bf16" / "adapter.safetensors").values())
     with pytest.raises(ValueError, match="precision"):
         TrainArgs(precision="fp8").validate()
+
+
+def test_cli_trains_the_head_only_baseline_with_a_budget(tiny_model, toy_csv, tmp_path):
+    out = tmp_path / "head"
+    assert cli.main(["train", "--model", str(tiny_model), "--data", str(toy_csv), "--out", str(out), "--method",
+                     "head", "--epochs", "2", "--batch-size", "16", "--max-length", "32", "--no-progress",
+                     "--budget-seconds", "1000"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "head" and metrics["budget_seconds"] == 1000
+    assert metrics["trainable_params"] == 32 * 3 + 3            # only the head of the tiny BERT
+    assert cli.main(["train", "--method", "full", "--r", "4"]) == 2     # baselines take no method options

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local "
                                                      "Hugging Face model folder")
     t.add_argument("--data", default="bbc", help="bbc, tweets, or a .csv/.jsonl file with text,label columns")
-    t.add_argument("--method", default="lora", help="a registered method (see `deltatune methods`)")
+    t.add_argument("--method", default="lora", help="a registered method (see `deltatune methods`), or the "
+                   "baselines full (every weight trains) and head (only the new classifier head)")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's default_lr)")
     t.add_argument("--batch-size", type=int, default=32)
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--head-dropout", type=float, default=0.1, help="dropout before the classification head")
     t.add_argument("--out", default=None, help="output folder (default: runs/<data>-<method>)")
+    t.add_argument("--budget-seconds", type=float, default=None,
+                   help="stop training once this many seconds were spent in training steps, then evaluate")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: matmuls in bfloat16 under autocast (faster on CPUs with AVX512-BF16/AMX and "
                         "on GPUs); parameters, optimizer and loss stay fp32")
@@ -202,17 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
     import deltatune as dt
-    from .train.loop import TrainArgs, method_config, train
+    from .train.loop import BASELINES, TrainArgs, method_config, train
 
-    dt.get_method(ns.method)        # unknown method: clear error before anything else
-    options = parse_method_options(ns.method, extra)
-    if ns.method == "lora":
-        options = {**LORA_DEFAULTS, **options}
-    method_config(ns.method, options)       # validate now, before loading data and model
+    if ns.method in BASELINES:      # full fine-tuning / head only: no adapter, no method options
+        if extra:
+            raise DeltatuneError(f"--method {ns.method} is a baseline without options; unexpected: "
+                                 f"{' '.join(extra)}")
+        options = {}
+    else:
+        dt.get_method(ns.method)        # unknown method: clear error before anything else
+        options = parse_method_options(ns.method, extra)
+        if ns.method == "lora":
+            options = {**LORA_DEFAULTS, **options}
+        method_config(ns.method, options)       # validate now, before loading data and model
     args = TrainArgs(model=ns.model, data=ns.data, method=ns.method, method_options=options, epochs=ns.epochs,
                      lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
-                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, precision=ns.precision,
+                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, precision=ns.precision, budget_seconds=ns.budget_seconds,
                      out=ns.out, resume=ns.resume,
                      device=ns.device, progress=ns.progress)
     args.validate()
