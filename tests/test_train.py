@@ -361,3 +361,23 @@ def test_cli_trains_the_head_only_baseline_with_a_budget(tiny_model, toy_csv, tm
     assert metrics["method"] == "head" and metrics["budget_seconds"] == 1000
     assert metrics["trainable_params"] == 32 * 3 + 3            # only the head of the tiny BERT
     assert cli.main(["train", "--method", "full", "--r", "4"]) == 2     # baselines take no method options
+
+
+def test_head_lr_gives_the_head_its_own_rate(tiny_model, toy_csv, tmp_path, monkeypatch):
+    seen = []
+    original = torch.optim.AdamW.__init__
+
+    def spy(self, params, *args, **kwargs):
+        params = list(params)
+        seen.append([(len(g["params"]), g.get("lr", kwargs.get("lr"))) for g in params])
+        original(self, params, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    args = TrainArgs(model=str(tiny_model), data=str(toy_csv), method="lora",
+                     method_options={"r": 4, "targets": ["query", "value"]}, epochs=1, lr=1e-3, head_lr=3e-2,
+                     batch_size=16, max_length=32, out=str(tmp_path / "hl"), progress=False, device="cpu")
+    metrics = train(args)
+    assert metrics["head_lr"] == 3e-2
+    # 8 LoRA tensors (A, B on query and value of 2 layers) at 1e-3; weight and bias of the head at 3e-2
+    assert seen == [[(8, 1e-3), (2, 3e-2)]]
+    with pytest.raises(ValueError, match="head-lr"):
+        TrainArgs(head_lr=-1.0).validate()

@@ -80,6 +80,7 @@ class TrainArgs:
     seed: int = 0
     weight_decay: float = 0.01
     head_dropout: float = 0.1
+    head_lr: float | None = None        # the new head's own learning rate (None: the run's lr)
     precision: str = "fp32"
     out: str | None = None
     resume: bool = False
@@ -108,6 +109,9 @@ class TrainArgs:
                                  f"{sorted(self.method_options)}; drop them or pick an adapter method")
         if self.precision not in PRECISIONS:
             raise DeltatuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.head_lr is not None and not (isinstance(self.head_lr, (int, float)) and self.head_lr > 0
+                                             and math.isfinite(self.head_lr)):
+            raise DeltatuneError(f"--head-lr must be a positive number, got {self.head_lr!r}")
         if not 0 <= self.head_dropout < 1:
             raise DeltatuneError(f"--head-dropout must be in [0, 1), got {self.head_dropout!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
@@ -272,8 +276,16 @@ def train(args: Any) -> dict[str, Any]:
     _log(f"{a.method} on {a.model}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / max(total, 1):.3f} %), lr {lr:g}, device {device}")
 
-    params = [p for _, p in dt.trainable_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay)
+    named = dt.trainable_parameters(model)
+    params = [p for _, p in named]
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if a.head_lr is not None:
+        # the new head (a linear probe on the pooled features) converges at a far larger rate
+        # than the deltas inside the encoder
+        head = [p for n, p in named if n == HEAD or n.startswith(HEAD + ".")]
+        rest = [p for n, p in named if not (n == HEAD or n.startswith(HEAD + "."))]
+        groups = [g for g in ({"params": rest}, {"params": head, "lr": float(a.head_lr)}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=a.weight_decay)
     batches_per_epoch = train_split.num_batches(a.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / a.grad_accum)
     total_steps = steps_per_epoch * a.epochs
@@ -389,6 +401,7 @@ def train(args: Any) -> dict[str, Any]:
         "grad_accum": a.grad_accum,
         "max_length": a.max_length,
         "precision": a.precision,
+        "head_lr": a.head_lr,
         "seed": a.seed,
         "steps": step,
         "planned_steps": total_steps,
