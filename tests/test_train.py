@@ -5,6 +5,7 @@ option parsing; ``merge`` and ``inspect``. Real-model runs are marked slow."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -379,5 +380,8 @@ def test_head_lr_gives_the_head_its_own_rate(tiny_model, toy_csv, tmp_path, monk
     assert metrics["head_lr"] == 3e-2
     # 8 LoRA tensors (A, B on query and value of 2 layers) at 1e-3; weight and bias of the head at 3e-2
     assert seen == [[(8, 1e-3), (2, 3e-2)]]
+    assert TrainArgs().head_lr == 3e-2         # the default: the linear probe's rate
+    train(dataclasses.replace(args, head_lr=None, out=str(tmp_path / "same")))
+    assert seen[1] == [(10, 1e-3)]                # None: one group at the run's rate
     with pytest.raises(ValueError, match="head-lr"):
         TrainArgs(head_lr=-1.0).validate()

@@ -157,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "method's config (see `deltatune methods`), e.g. --r 8 --alpha 16 --targets query,value "
                     "--dropout 0.1; lists are comma-separated, dicts JSON, booleans true/false.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local "
-                                                     "Hugging Face model folder")
-    t.add_argument("--data", default="bbc", help="bbc, tweets, or a .csv/.jsonl file with text,label columns")
+    t.add_argument("--model", default=None, help="the task's model: for text tasks 'minilm' (the packaged "
+                   "all-MiniLM-L6-v2, the default) or a local Hugging Face model folder; fashion and lm use "
+                   "their packaged models (EfficientNet-Lite0, SmolLM2-135M)")
+    t.add_argument("--data", default="bbc", help="bbc, tweets, fashion (Fashion-MNIST on EfficientNet-Lite0), "
+                   "lm (SmolLM2-135M on Moby Dick, perplexity), or a .csv/.jsonl file with text,label columns")
     t.add_argument("--method", default="lora", help="a registered method (see `deltatune methods`), or the "
                    "baselines full (every weight trains) and head (only the new classifier head)")
     t.add_argument("--epochs", type=int, default=3)
@@ -172,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--head-dropout", type=float, default=0.1, help="dropout before the classification head")
     t.add_argument("--out", default=None, help="output folder (default: runs/<data>-<method>)")
-    t.add_argument("--head-lr", type=float, default=None,
-                   help="learning rate of the new classification head (default: the same as --lr)")
+    t.add_argument("--head-lr", type=float, default=3e-2,
+                   help="learning rate of the new classification head (the linear probe's rate; --head-lr 0 "
+                        "means the same as --lr)")
     t.add_argument("--budget-seconds", type=float, default=None,
                    help="stop training once this many seconds were spent in training steps, then evaluate")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
@@ -223,7 +226,7 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
     args = TrainArgs(model=ns.model, data=ns.data, method=ns.method, method_options=options, epochs=ns.epochs,
                      lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
-                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, budget_seconds=ns.budget_seconds,
+                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr or None, precision=ns.precision, budget_seconds=ns.budget_seconds,
                      out=ns.out, resume=ns.resume,
                      device=ns.device, progress=ns.progress)
     args.validate()

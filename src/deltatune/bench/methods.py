@@ -46,14 +46,13 @@ from typing import Any
 from ..core.errors import DeltatuneError
 from ..core.io import atomic_write_bytes
 from ..train.loop import BASELINES, METRICS_FILE
+from ..train.tasks import METRICS, is_known_task, task_kind
 
 # training settings a run inherits from the bench command (the rest are TrainArgs defaults)
-SHARED_SETTINGS = ("model", "epochs", "seed", "batch_size", "max_length", "device", "budget_seconds", "precision")
-# tasks named in issue 4 that this command does not run yet: say so instead of failing obscurely
-NOT_YET = {
-    "fashion": "Fashion-MNIST on a pretrained CNN is not wired into `bench methods` yet",
-    "lm": "causal-LM perplexity (SmolLM2 on English text) is not wired into `bench methods` yet",
-}
+SHARED_SETTINGS = ("model", "epochs", "seed", "batch_size", "max_length", "device", "budget_seconds", "precision",
+                   "head_lr")
+# layer kind a method must handle to be run by default on a task kind (text: every method)
+REQUIRED_KIND = {"vision": "conv"}
 # LoRA as `deltatune train` runs it bare (r=8, alpha=16, the model type's default targets)
 LORA_DEFAULTS = {"r": 8, "alpha": 16.0}
 TAIL_LINES = 40
@@ -66,17 +65,30 @@ PLOTS = {
 
 # ----------------------------------------------------------------------------- plan
 
-def parse_methods(text: str | None) -> list[str]:
-    """The requested methods (default: every registered one), then the two baselines."""
+def task_metric(task: str) -> str:
+    """``test_perplexity`` for the causal-LM task, ``test_accuracy`` for classification."""
+    return "test_perplexity" if task_kind(task) == "lm" else "test_accuracy"
+
+
+def task_baselines(task: str) -> list[str]:
+    """``full`` and ``head``; a causal LM has no new head, so only ``full``."""
+    return [b for b in BASELINES if not (b == "head" and task_kind(task) == "lm")]
+
+
+def parse_methods(text: str | None, task: str = "bbc") -> list[str]:
+    """The requested methods, then the task's baselines. Default: every registered method that
+    applies to the task's model (on ``fashion``, those that adapt convolutions)."""
     import deltatune as dt
     known = dt.available_methods()
-    names = [m.strip() for m in (text or "").split(",") if m.strip()] or list(known)
+    need = REQUIRED_KIND.get(task_kind(task))
+    default = [m for m in known if need is None or need in dt.get_method(m).kinds]
+    names = [m.strip() for m in (text or "").split(",") if m.strip()] or default
     unknown = [m for m in names if m not in known and m not in BASELINES]
     if unknown:
         raise DeltatuneError(f"--methods: unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)} "
                              f"(the baselines {', '.join(BASELINES)} are always added)")
     out: list[str] = []
-    for m in [*names, *BASELINES]:
+    for m in [*names, *task_baselines(task)]:
         if m not in out:
             out.append(m)
     return out
@@ -103,7 +115,7 @@ def plan_runs(ns: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
     """One ``TrainArgs`` dict per method; invalid method options fail the run, not the plan,
     so that the report shows them."""
     import deltatune as dt
-    methods = parse_methods(ns.methods)
+    methods = parse_methods(ns.methods, ns.task)
     options = parse_options(ns.options, methods)
     shared = {k: getattr(ns, k) for k in SHARED_SETTINGS}
     runs = []
@@ -192,8 +204,9 @@ def run_one(run: dict[str, Any], index: int, total: int, started: float, duratio
     metrics_path = out / METRICS_FILE
     if rc == 0 and metrics_path.is_file():
         record.update(status="ok", metrics=json.loads(metrics_path.read_text()))
+        metric = record["metrics"].get("metric", "test_accuracy")
         print(f"[{index}/{total}] {method}: done in {_fmt_seconds(wall)}, "
-              f"test accuracy {record['metrics']['test_accuracy']:.4f}", flush=True)
+              f"{metric.replace('_', ' ')} {record['metrics'][metric]:.4f}", flush=True)
     else:
         why = f"exit status {rc}" if rc != 0 else f"exit status 0 but no {metrics_path}"
         record.update(status="failed", error=why, error_tail="\n".join(tail))
@@ -218,10 +231,12 @@ def worker(args_file: str) -> int:
 
 # ----------------------------------------------------------------------------- analysis
 
-def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
+def pareto_front(points: dict[str, tuple[float, float]], higher_is_better: bool = True) -> set[str]:
     """Names of the points no other point dominates, for ``x`` lower-is-better and ``y``
-    higher-is-better: a point is dominated when another has ``x' <= x`` and ``y' >= y``, one of
-    them strictly."""
+    higher-is-better (or lower, e.g. perplexity): a point is dominated when another has
+    ``x' <= x`` and a ``y'`` at least as good, one of them strictly."""
+    if not higher_is_better:
+        points = {n: (x, -y) for n, (x, y) in points.items()}
     front = set()
     for n, (x, y) in points.items():
         if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for m, (x2, y2) in points.items() if m != n):
@@ -238,17 +253,18 @@ def memory_key(runs: list[dict[str, Any]]) -> str:
     return "peak_memory_mb"
 
 
-def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def analyse(runs: list[dict[str, Any]], metric: str = "test_accuracy") -> dict[str, Any]:
     """Derived columns per run (``derived``): trainable %, step time, ratio to LoRA, beats head,
-    Pareto membership per axis; returns the summary (memory key, baselines' accuracies)."""
+    Pareto membership per axis; returns the summary (memory key, baselines' scores)."""
     ok = {r["method"]: r["metrics"] for r in runs if r["status"] == "ok"}
+    higher = METRICS[metric]
     mem = memory_key(runs)
     for m in ok.values():
         m["_step_seconds"] = m["train_seconds"] / max(m["steps"], 1)
     lora_step = ok["lora"]["_step_seconds"] if "lora" in ok else None
-    head_acc = ok["head"]["test_accuracy"] if "head" in ok else None
+    head_acc = ok["head"][metric] if "head" in ok else None
     axes = {"params": "trainable_params", "memory": mem, "time": "train_seconds"}
-    fronts = {axis: pareto_front({n: (float(m[key]), float(m["test_accuracy"])) for n, m in ok.items()})
+    fronts = {axis: pareto_front({n: (float(m[key]), float(m[metric])) for n, m in ok.items()}, higher)
               for axis, key in axes.items()}
     for r in runs:
         if r["status"] != "ok":
@@ -259,12 +275,14 @@ def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "trainable_percent": 100.0 * m["trainable_params"] / max(m["total_params"], 1),
             "step_seconds": m["_step_seconds"],
             "step_time_vs_lora": m["_step_seconds"] / lora_step if lora_step else None,
-            "beats_head": None if head_acc is None or r["method"] == "head" else m["test_accuracy"] > head_acc,
+            "beats_head": None if head_acc is None or r["method"] == "head" else
+            (m[metric] > head_acc if higher else m[metric] < head_acc),
             "pareto": [axis for axis in axes if r["method"] in fronts[axis]],
         }
     for m in ok.values():
         del m["_step_seconds"]
-    return {"memory_key": mem, "head_accuracy": head_acc, "lora_ran": lora_step is not None,
+    full = ok["full"][metric] if "full" in ok else None
+    return {"memory_key": mem, "metric": metric, "head_score": head_acc, "full_score": full, "lora_ran": lora_step is not None,
             "pareto_front": {axis: sorted(f) for axis, f in fronts.items()}}
 
 
@@ -298,25 +316,52 @@ def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
+def _metric_label(metric: str) -> str:
+    return metric.replace("test_", "test ")
+
+
+def _fmt_score(metric: str, value: float) -> str:
+    return f"{100 * value:.2f} %" if metric == "test_accuracy" else f"{value:.2f}"
+
+
+def _plot_score(metric: str, value: float) -> float:
+    return 100.0 * value if metric == "test_accuracy" else value
+
+
+def _model_name(results: dict[str, Any]) -> str:
+    """The model of the report: the setting, else what the runs loaded (the task's default)."""
+    if results["settings"].get("model"):
+        return Path(results["settings"]["model"]).name
+    names = {r["metrics"].get("model") for r in results["runs"] if r["status"] == "ok"}
+    return ", ".join(sorted(n for n in names if n)) or "the task's default"
+
+
 def report_markdown(results: dict[str, Any]) -> str:
     runs, s, summary = results["runs"], results["settings"], results["summary"]
+    metric = results.get("metric", "test_accuracy")
+    higher = METRICS[metric]
     mem = summary["memory_key"]
     mem_label = "peak GPU memory (MB)" if mem == "peak_cuda_memory_mb" else "peak RSS (MB)"
     budget = f", budget {s['budget_seconds']:g} s per run" if s.get("budget_seconds") else ""
     lines = [f"# Method comparison on `{results['task']}`", "",
-             f"Model `{s['model']}`, {s['epochs']} epochs, seed {s['seed']}, batch size {s['batch_size']}, "
+             f"Model `{_model_name(results)}`, {s['epochs']} epochs, seed {s['seed']}, batch size {s['batch_size']}, "
              f"max length {s['max_length']}{budget}; {results['versions'].get('cuda_device', 'CPU')}; "
              f"{results['started']}.", "", "Produced by:", "", "```", results["command"], "```", ""]
-    header = ["method", "status", "test accuracy", "trainable params", "trainable %", mem_label, "train time (s)"]
+    header = ["method", "status", _metric_label(metric), "trainable params", "trainable %", mem_label, "train time (s)"]
     if summary["lora_ran"]:
         header.append("step time vs LoRA")
-    header += ["beats head-only", "Pareto front"]
+    has_head = any(r["method"] == "head" for r in runs)
+    header += (["beats head-only"] if has_head else []) + ["Pareto front"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ordered = sorted(runs, key=lambda r: (r["status"] != "ok", -(r.get("metrics") or {}).get("test_accuracy", 0)))
+    def rank(r: dict[str, Any]) -> tuple[bool, float]:
+        v = (r.get("metrics") or {}).get(metric)
+        return r["status"] != "ok", (0.0 if v is None else (-v if higher else v))
+    ordered = sorted(runs, key=rank)
     for r in ordered:
         name = f"`{r['method']}`" + (" (baseline)" if r["method"] in BASELINES else "")
         if r["status"] != "ok":
-            row = [name, "**failed**", "—", "—", "—", "—", "—"] + (["—"] if summary["lora_ran"] else []) + ["—", "—"]
+            row = [name, "**failed**", "—", "—", "—", "—", "—"] + (["—"] if summary["lora_ran"] else []) \
+                + (["—"] if has_head else []) + ["—"]
             lines.append("| " + " | ".join(row) + " |")
             continue
         m, d = r["metrics"], r["derived"]
@@ -324,19 +369,21 @@ def report_markdown(results: dict[str, Any]) -> str:
         if m.get("stopped_early"):
             status = f"stopped by budget ({m['steps']}/{m['planned_steps']} steps)"
         beats = {None: "—", True: "yes", False: "**no**"}[d["beats_head"]]
-        row = [name, status, f"{100 * m['test_accuracy']:.2f} %", _fmt_int(m["trainable_params"]),
+        row = [name, status, _fmt_score(metric, m[metric]), _fmt_int(m["trainable_params"]),
                f"{d['trainable_percent']:.3f}", f"{m.get(mem, float('nan')):.0f}", f"{m['train_seconds']:.1f}"]
         if summary["lora_ran"]:
             row.append(f"{d['step_time_vs_lora']:.2f}x")
-        row += [beats, ", ".join(d["pareto"]) or "—"]
+        row += ([beats] if has_head else []) + [", ".join(d["pareto"]) or "—"]
         lines.append("| " + " | ".join(row) + " |")
+    better = "accurate" if metric == "test_accuracy" else "good (lower perplexity)"
     lines += ["", "Columns: *step time* is train seconds per optimizer step (same batches for every method); "
-              "*beats head-only*: test accuracy strictly above the linear probe's; *Pareto front*: the axes "
-              "(trainable params, memory, train time) on which no other run is at least as accurate for at "
-              "most as much. " + ("Memory is the GPU's peak allocation." if mem == "peak_cuda_memory_mb" else
+              + ("*beats head-only*: test accuracy strictly above the linear probe's; " if has_head else "")
+              + f"*Pareto front*: the axes (trainable params, memory, train time) on which no other run is at "
+              f"least as {better} for at most as much. " + ("Memory is the GPU's peak allocation." if mem == "peak_cuda_memory_mb" else
                                   "Memory is the process's peak resident set (model, data and Python included)."),
-              "", "![accuracy vs trainable parameters](accuracy_vs_params.png)",
-              "![accuracy vs peak memory](accuracy_vs_memory.png)", "![accuracy vs train time](accuracy_vs_time.png)"]
+              "", f"![{_metric_label(metric)} vs trainable parameters](accuracy_vs_params.png)",
+              f"![{_metric_label(metric)} vs peak memory](accuracy_vs_memory.png)",
+              f"![{_metric_label(metric)} vs train time](accuracy_vs_time.png)"]
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -387,6 +434,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     runs = [r for r in results["runs"] if r["status"] == "ok"]
     failed = [r["method"] for r in results["runs"] if r["status"] != "ok"]
+    metric = results.get("metric", "test_accuracy")
     mem = results["summary"]["memory_key"]
     written = []
     for axis, (fname, xlabel, key) in PLOTS.items():
@@ -396,8 +444,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         elif axis == "memory":
             xlabel = "peak RSS of the process (MB)"
         fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=150)
-        pts = {r["method"]: (float(r["metrics"][key]), 100.0 * r["metrics"]["test_accuracy"]) for r in runs}
-        front = pareto_front(pts)
+        pts = {r["method"]: (float(r["metrics"][key]), _plot_score(metric, r["metrics"][metric])) for r in runs}
+        front = pareto_front(pts, METRICS[metric])
         for name, (x, y) in pts.items():
             on = name in front
             ax.scatter([x], [y], s=60 if on else 40, marker="s" if name in BASELINES else "o", zorder=3,
@@ -419,9 +467,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
                 span = (max(values) - min(values)) or max(values) or 1.0
                 ax.set_xlim(min(values) - 0.15 * span, max(values) + 0.25 * span)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%)" if metric == "test_accuracy" else _metric_label(metric) + " (lower is better)")
         s = results["settings"]
-        title = f"{task_name(results['task'])}: {Path(s['model']).name}, {s['epochs']} epochs, seed {s['seed']}"
+        title = f"{task_name(results['task'])}: {_model_name(results)}, {s['epochs']} epochs, seed {s['seed']}"
         if failed:
             title += f"\nfailed, not plotted: {', '.join(failed)}"
         ax.set_title(title, fontsize=11)
@@ -448,14 +496,15 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- command
 
 def task_name(task: str) -> str:
-    return Path(task).stem if task not in ("bbc", "tweets") else task
+    return task if is_known_task(task) and not Path(task).is_file() else Path(task).stem
 
 
 def command_line(ns: argparse.Namespace, out: Path, work_dir: Path) -> str:
     """The command that reproduces this report, every setting spelled out."""
     argv = ["deltatune", "bench", "methods", "--task", ns.task, "--methods", ns.methods or "",
-            "--model", ns.model, "--epochs", str(ns.epochs), "--seed", str(ns.seed), "--batch-size",
+            *(["--model", ns.model] if ns.model else []), "--epochs", str(ns.epochs), "--seed", str(ns.seed), "--batch-size",
             str(ns.batch_size), "--max-length", str(ns.max_length), "--precision", ns.precision,
+            "--head-lr", f"{ns.head_lr:g}",
             "--device", ns.device]
     if ns.budget_seconds is not None:
         argv += ["--budget-seconds", f"{ns.budget_seconds:g}"]
@@ -469,7 +518,9 @@ def command_line(ns: argparse.Namespace, out: Path, work_dir: Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="tweets", help="bbc, tweets, or a .csv/.jsonl file with text,label columns (default: tweets)")
+    p.add_argument("--task", default="tweets", help="bbc, tweets, fashion (Fashion-MNIST on EfficientNet-Lite0), lm "
+                   "(SmolLM2-135M on Moby Dick, perplexity), or a .csv/.jsonl file with text,label columns "
+                   "(default: tweets)")
     p.add_argument("--methods", default=None, help="comma-separated registered methods (default: all of them); "
                                                    "the baselines full and head are always added")
     p.add_argument("--options", default=None, help="per-method config fields and lr as JSON, e.g. "
@@ -478,21 +529,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per run: stop training after this many seconds of training steps (the schedule is still "
                         "planned for --epochs)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
-    p.add_argument("--model", default="minilm", help="'minilm' (default) or a local Hugging Face encoder folder")
+    p.add_argument("--model", default=None, help="default: the task's model (MiniLM for text tasks); a text task "
+                   "also takes a local Hugging Face encoder folder")
     p.add_argument("--seed", type=int, default=0, help="training seed of every run (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    p.add_argument("--head-lr", type=float, default=3e-2, help="learning rate of every run's new classification "
+                   "head (default: 3e-2, the linear probe's)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", default=None, help="report folder (default: docs/results/<task>)")
     p.add_argument("--work-dir", default=None, help="run folders with checkpoints (default: runs/bench/<task>)")
 
 
 def main_methods(ns: argparse.Namespace) -> int:
-    if ns.task in NOT_YET:
-        raise DeltatuneError(f"--task {ns.task}: {NOT_YET[ns.task]}; use bbc, tweets or a .csv/.jsonl file")
-    if ns.task not in ("bbc", "tweets") and not Path(ns.task).is_file():
-        raise DeltatuneError(f"--task {ns.task!r}: not bbc, tweets nor an existing .csv/.jsonl file")
+    if not is_known_task(ns.task):
+        raise DeltatuneError(f"--task {ns.task!r}: not bbc, tweets, fashion, lm nor an existing .csv/.jsonl file")
     from ..train.loop import TrainArgs
     TrainArgs(**{k: getattr(ns, k) for k in SHARED_SETTINGS}).validate()    # bad settings: fail before any run
     out = Path(ns.out) if ns.out else Path("docs") / "results" / task_name(ns.task)
@@ -508,11 +560,12 @@ def main_methods(ns: argparse.Namespace) -> int:
         rec = run_one(run, i, len(runs), started, durations)
         durations.append(rec["wall_seconds"])
         records.append(rec)
-    summary = analyse(records)
+    metric = task_metric(ns.task)
+    summary = analyse(records, metric)
     results = {"task": ns.task, "command": command, "started": stamp,
                "wall_seconds": round(time.perf_counter() - started, 1),
                "settings": {k: getattr(ns, k) for k in SHARED_SETTINGS}, "versions": _versions(),
-               "metric": "test_accuracy", "summary": summary, "runs": records}
+               "metric": metric, "summary": summary, "runs": records}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(out / "report.md", report_markdown(results).encode())
