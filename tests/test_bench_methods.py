@@ -198,3 +198,19 @@ def test_report_marks_methods_below_the_head_baseline():
     report = report_markdown(results)
     assert "| `ia3` | stopped by budget (10/20 steps) | 50.00 %" in report and "**no**" in report
     assert "budget 5 s per run" in report
+
+
+def test_replot_rewrites_report_and_plots_from_results_json(tmp_path, capsys):
+    runs = [_run("lora", 0.9, 10, seconds=20.0), _run("ia3", 0.5, 5, stopped=True), _run("head", 0.8, 3)]
+    summary = analyse(runs)
+    results = {"task": "bbc", "command": "c", "started": "t", "settings": {
+        "model": "minilm", "epochs": 1, "seed": 0, "batch_size": 32, "max_length": 128, "budget_seconds": 60},
+        "versions": {}, "metric": "test_accuracy", "summary": summary, "runs": runs}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert cli.main(["bench", "methods", "--replot", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "stopped by budget (10/20 steps)" in md and "**no**" in md
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        ["accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_vs_time.png"])
+    assert cli.main(["bench", "methods", "--replot", str(tmp_path / "missing")]) == 2
+    assert "no results.json there" in capsys.readouterr().err

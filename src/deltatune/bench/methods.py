@@ -470,6 +470,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("test accuracy (%)" if metric == "test_accuracy" else _metric_label(metric) + " (lower is better)")
         s = results["settings"]
         title = f"{task_name(results['task'])}: {_model_name(results)}, {s['epochs']} epochs, seed {s['seed']}"
+        if s.get("budget_seconds"):
+            title += f", budget {s['budget_seconds']:g} s per run"
         if failed:
             title += f"\nfailed, not plotted: {', '.join(failed)}"
         ax.set_title(title, fontsize=11)
@@ -485,7 +487,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8,
                   frameon=False)
         fig.tight_layout()
-        _place_labels(ax, fig, [p[0] for p in pts.values()], [p[1] for p in pts.values()], list(pts))
+        cut = {r["method"] for r in runs if r["metrics"].get("stopped_early")}
+        names = [f"{n} (cut by budget)" if n in cut else n for n in pts]
+        _place_labels(ax, fig, [p[0] for p in pts.values()], [p[1] for p in pts.values()], names)
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
@@ -540,9 +544,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", default=None, help="report folder (default: docs/results/<task>)")
     p.add_argument("--work-dir", default=None, help="run folders with checkpoints (default: runs/bench/<task>)")
+    p.add_argument("--replot", default=None, metavar="DIR", help="only rewrite DIR's report.md and plots from its "
+                   "results.json (no training)")
+
+
+def rewrite_report(folder: Path) -> int:
+    """``--replot DIR``: report.md and the plots again from ``DIR/results.json`` (no training)."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise DeltatuneError(f"--replot {folder}: no results.json there (give a folder written by bench methods)")
+    results = json.loads(path.read_text())
+    atomic_write_bytes(path.parent / "report.md", report_markdown(results).encode())
+    write_plots(results, path.parent)
+    print(f"rewrote {path.parent / 'report.md'} and 3 plots from {path}")
+    return 0
 
 
 def main_methods(ns: argparse.Namespace) -> int:
+    if getattr(ns, "replot", None):
+        return rewrite_report(Path(ns.replot))
     if not is_known_task(ns.task):
         raise DeltatuneError(f"--task {ns.task!r}: not bbc, tweets, fashion, lm nor an existing .csv/.jsonl file")
     from ..train.loop import TrainArgs
