@@ -44,6 +44,9 @@ DEFAULT_TARGETS = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"], "t5": ["q", "v"], "vit": ["query", "value"],
+    # EfficientNet-Lite (deltatune.train.vision): the 1x1 convolutions, which mix channels like a
+    # Linear; a depthwise kernel has one input channel per group, so a low-rank update of it is void
+    "efficientnet_lite": ["_expand_conv", "_project_conv", "_conv_head"],
 }
 
 
