@@ -110,7 +110,9 @@ def test_conv_methods_attach_with_defaults_and_train_only_their_deltas(method):
     torch.manual_seed(0)
     model = ImageClassifier(EfficientNetLite0(), 10, dropout=0.0).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     dt.attach(model, dt.config(method, trainable_modules=["classifier"]))
+    model.train()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("classifier.") for n in names)
     assert not any("_depthwise_conv" in n for n in names), "depthwise kernels are not default targets"
@@ -123,6 +125,9 @@ def test_conv_methods_attach_with_defaults_and_train_only_their_deltas(method):
     for n, p in model.named_parameters():
         if n in before and not p.requires_grad:
             assert torch.equal(p, before[n]), f"{n} is frozen but changed"
+    # frozen BatchNorms keep the base's running statistics through training
+    assert torch.equal(model.backbone._bn0.running_mean, buffers["backbone._bn0.running_mean"])
+    assert not model.backbone._bn0.training and model.training
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 

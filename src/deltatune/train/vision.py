@@ -165,6 +165,17 @@ class ImageClassifier(nn.Module):
         # methods find their default targets by model type (see the methods' default_targets)
         self.config = types.SimpleNamespace(model_type="efficientnet_lite")
 
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        """As ``nn.Module.train``, except that a BatchNorm whose affine parameters are frozen stays
+        in eval mode: its running statistics belong to the frozen base, and an adapter must not
+        change the base (nor could its file carry the drifted statistics). Under full
+        fine-tuning the BatchNorms train as usual."""
+        super().train(mode)
+        for m in self.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.weight is not None and not m.weight.requires_grad:
+                m.eval()
+        return self
+
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
         logits = self.classifier(self.dropout(self.backbone.features(pixel_values)))
         if labels is None:
