@@ -1,4 +1,6 @@
-"""Training tools for the built-in text-classification tasks (``deltatune train``).
+"""Training tools behind ``deltatune train``: the built-in tasks (text classification on
+MiniLM, ``fashion`` on EfficientNet-Lite0 in ``vision``, ``lm`` on SmolLM2 in ``lm``; ``tasks``
+says what each provides to the loop).
 
 - ``data``: the built-in datasets (BBC News, sentiment tweets) and CSV/JSONL files, the fixed
   stratified 80/20 split, tokenization with dynamic padding;
