@@ -175,7 +175,7 @@ def test_train_in_process_writes_metrics_adapter_checkpoint(tiny_model, toy_csv,
 
     # the saved adapter (with its head) reproduces the trained model's test accuracy
     from deltatune.train.data import encode_task, load_task
-    from deltatune.train.loop import evaluate
+    from deltatune.train.tasks import evaluate_classifier as evaluate
     from deltatune.train.model import load_tokenizer
     task = load_task(str(toy_csv))
     _, test = encode_task(load_tokenizer(str(tiny_model)), task, 32)

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
-from .tasks import TaskSetup
+from .tasks import EqualSizeSplit, TaskSetup
 
 RDATA_DIR = Path("/usr/lib/R/site-library/tokenizers/data")
 OBJECT = "mobydick"
@@ -194,7 +194,7 @@ def spread(indices: Sequence[int], k: int | None) -> list[int]:
     return [indices[(2 * j + 1) * len(indices) // (2 * k)] for j in range(k)]
 
 
-class LMBlocks:
+class LMBlocks(EqualSizeSplit):
     """A split of packed blocks (``(n, T)`` long tensor), the loop's split protocol (see
     ``tasks.py``): batches of ``{"input_ids": (B, T), "labels": (B, T)}``, all full, no mask."""
 
@@ -214,9 +214,6 @@ class LMBlocks:
     def num_tokens(self) -> int:
         return self.blocks.numel()
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
-
     def batches(self, batch_size: int, order: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Batches in ``order`` (default: as stored); the last one may be smaller. Fresh tensors
         each time, so a caller may change ``labels`` in place."""
@@ -224,13 +221,6 @@ class LMBlocks:
         for s in range(0, len(order), batch_size):
             ids = self.blocks[torch.tensor(order[s:s + batch_size], dtype=torch.long)]
             yield {"input_ids": ids, "labels": ids.clone()}
-
-    def grouped_order(self, batch_size: int, generator: torch.Generator) -> list[int]:
-        """A random permutation of the blocks (all blocks are equally long: nothing to group)."""
-        return torch.randperm(len(self), generator=generator).tolist()
-
-    def length_order(self) -> list[int]:
-        return list(range(len(self)))
 
 
 def pack_book(ids: Sequence[int] | torch.Tensor, block: int, train_tokens: int | None = TRAIN_TOKENS,

@@ -45,7 +45,7 @@ import torch
 
 from ..core.errors import DeltatuneError
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint
-from .tasks import TaskSetup, evaluate_classifier, setup_task
+from .tasks import TaskSetup, setup_task
 
 WARMUP_FRACTION = 0.06
 MAX_GRAD_NORM = 1.0
@@ -101,20 +101,16 @@ class TrainArgs:
                 raise DeltatuneError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise DeltatuneError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise DeltatuneError(f"--lr must be a positive number, got {self.lr!r}")
-        if self.budget_seconds is not None and not (
-                isinstance(self.budget_seconds, (int, float)) and not isinstance(self.budget_seconds, bool)
-                and self.budget_seconds > 0 and math.isfinite(self.budget_seconds)):
-            raise DeltatuneError(f"--budget-seconds must be a positive number of seconds, got {self.budget_seconds!r}")
+        for name in ("lr", "head_lr", "budget_seconds"):      # optional positive numbers
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                  or not math.isfinite(v)):
+                raise DeltatuneError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
         if self.method in BASELINES and self.method_options:
             raise DeltatuneError(f"--method {self.method} is a baseline without options, got "
                                  f"{sorted(self.method_options)}; drop them or pick an adapter method")
         if self.precision not in PRECISIONS:
             raise DeltatuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.head_lr is not None and not (isinstance(self.head_lr, (int, float)) and self.head_lr > 0
-                                             and math.isfinite(self.head_lr)):
-            raise DeltatuneError(f"--head-lr must be a positive number, got {self.head_lr!r}")
         if not 0 <= self.head_dropout < 1:
             raise DeltatuneError(f"--head-dropout must be in [0, 1), got {self.head_dropout!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
@@ -216,9 +212,6 @@ def prepare_baseline(model: torch.nn.Module, method: str, head: str | None = HEA
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-evaluate = evaluate_classifier      # the text tasks' scorer, kept under its old name
 
 
 def _log(msg: str) -> None:

@@ -36,6 +36,24 @@ KINDS = {"fashion": "deltatune.train.vision", "lm": "deltatune.train.lm"}
 TEXT_TASKS = ("bbc", "tweets")
 
 
+class EqualSizeSplit:
+    """The order part of the split protocol for examples of one size (images, packed blocks):
+    nothing to group by length, so an epoch is a plain shuffle and evaluation goes in order.
+    Subclasses provide ``__len__`` and ``batches``."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def grouped_order(self, batch_size: int, generator: torch.Generator) -> list[int]:
+        return torch.randperm(len(self), generator=generator).tolist()
+
+    def length_order(self) -> list[int]:
+        return list(range(len(self)))
+
+
 @dataclasses.dataclass
 class TaskSetup:
     description: str

@@ -66,6 +66,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.errors import DeltatuneError
+from .tasks import EqualSizeSplit
 
 MODEL_NAME = "efficientnet_lite0"
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -251,7 +252,7 @@ def prepare_images(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
 
 
-class ImageSplit:
+class ImageSplit(EqualSizeSplit):
     """Images and labels in memory, served in the training loop's protocol."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -262,20 +263,11 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
-
     def batches(self, batch_size: int, order: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         order_t = torch.as_tensor(order if order is not None else range(len(self)), dtype=torch.long)
         for i in range(0, len(order_t), batch_size):
             idx = order_t[i:i + batch_size]
             yield {"pixel_values": normalise(self.images[idx]), "labels": self.labels[idx]}
-
-    def grouped_order(self, batch_size: int, generator: torch.Generator) -> list[int]:
-        return torch.randperm(len(self), generator=generator).tolist()     # equal sizes: nothing to group
-
-    def length_order(self) -> list[int]:
-        return list(range(len(self)))
 
 
 def load_fashion(train_per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS,
