@@ -198,6 +198,10 @@ def test_report_marks_methods_below_the_head_baseline():
     report = report_markdown(results)
     assert "| `ia3` | stopped by budget (10/20 steps) | 50.00 %" in report and "**no**" in report
     assert "budget 5 s per run" in report
+    assert "## Notes" not in report
+    results["notes"] = ["Full fine-tuning for the whole epoch: 91.00 %."]
+    noted = report_markdown(results)
+    assert noted.index("## Notes") < noted.index("Full fine-tuning for the whole epoch: 91.00 %.") < noted.index("## Runs")
 
 
 def test_replot_rewrites_report_and_plots_from_results_json(tmp_path, capsys):

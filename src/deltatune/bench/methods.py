@@ -389,6 +389,10 @@ def report_markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Failed runs", ""]
         for r in failed:
             lines += [f"### `{r['method']}`: {r['error']}", "", "```", r.get("error_tail") or "(no output)", "```", ""]
+    if results.get("notes"):    # added to results.json by hand after the run (e.g. a longer run of one method)
+        lines += ["", "## Notes", ""]
+        for note in results["notes"]:
+            lines += [note.strip(), ""]
     lines += ["", "## Runs", "", "| method | lr | options | epochs done | wall time (s) |", "|---|---|---|---|---|"]
     for r in runs:
         m = r.get("metrics") or {}
