@@ -125,6 +125,24 @@ def test_bench_methods_report_plots_baselines_and_a_failure(tiny_model, toy_csv,
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
 
+    # --update runs only the named method again and replaces its row; the others stay as they were
+    same = ["--task", str(toy_csv), "--model", str(tiny_model), "--batch-size", "16", "--max-length", "24",
+            "--device", "cpu", "--out", str(out), "--work-dir", str(work), "--update"]
+    assert cli.main(["bench", "methods", "--methods", "ia3", "--epochs", "1", *same]) == 2
+    assert "--epochs 1 (report: 2)" in capsys.readouterr().err
+    assert cli.main(["bench", "methods", "--methods", "ia3", "--epochs", "2", *same]) == 0
+    assert "[1/1] ia3" in capsys.readouterr().out
+    updated = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in updated["runs"]] == ["lora", "ia3", "full", "head"]
+    assert updated["runs"][1]["status"] == "ok" and "derived" in updated["runs"][1]
+    for before, after in zip(results["runs"], updated["runs"]):
+        if before["method"] != "ia3":
+            assert after["metrics"] == before["metrics"]
+    assert updated["command"] == results["command"] and updated["updates"][0]["methods"] == ["ia3"]
+    report = (out / "report.md").read_text()
+    assert "Runs of `ia3` replaced on" in report and updated["updates"][0]["command"] in report
+    assert "**failed**" not in report
+
 
 def test_bench_methods_bad_input_fails_before_any_run(capsys, tmp_path):
     assert cli.main(["bench", "methods", "--methods", "lorra", "--out", str(tmp_path)]) == 2

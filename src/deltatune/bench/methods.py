@@ -75,9 +75,10 @@ def task_baselines(task: str) -> list[str]:
     return [b for b in BASELINES if not (b == "head" and task_kind(task) == "lm")]
 
 
-def parse_methods(text: str | None, task: str = "bbc") -> list[str]:
-    """The requested methods, then the task's baselines. Default: every registered method that
-    applies to the task's model (on ``fashion``, those that adapt convolutions)."""
+def parse_methods(text: str | None, task: str = "bbc", baselines: bool = True) -> list[str]:
+    """The requested methods, then (unless ``baselines`` is false) the task's baselines. Default:
+    every registered method that applies to the task's model (on ``fashion``, those that adapt
+    convolutions)."""
     import deltatune as dt
     known = dt.available_methods()
     need = REQUIRED_KIND.get(task_kind(task))
@@ -88,7 +89,7 @@ def parse_methods(text: str | None, task: str = "bbc") -> list[str]:
         raise DeltatuneError(f"--methods: unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)} "
                              f"(the baselines {', '.join(BASELINES)} are always added)")
     out: list[str] = []
-    for m in [*names, *task_baselines(task)]:
+    for m in [*names, *(task_baselines(task) if baselines else [])]:
         if m not in out:
             out.append(m)
     return out
@@ -115,7 +116,7 @@ def plan_runs(ns: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
     """One ``TrainArgs`` dict per method; invalid method options fail the run, not the plan,
     so that the report shows them."""
     import deltatune as dt
-    methods = parse_methods(ns.methods, ns.task)
+    methods = parse_methods(ns.methods, ns.task, baselines=not getattr(ns, "update", False))
     options = parse_options(ns.options, methods)
     shared = {k: getattr(ns, k) for k in SHARED_SETTINGS}
     runs = []
@@ -347,6 +348,9 @@ def report_markdown(results: dict[str, Any]) -> str:
              f"Model `{_model_name(results)}`, {s['epochs']} epochs, seed {s['seed']}, batch size {s['batch_size']}, "
              f"max length {s['max_length']}{budget}; {results['versions'].get('cuda_device', 'CPU')}; "
              f"{results['started']}.", "", "Produced by:", "", "```", results["command"], "```", ""]
+    for u in results.get("updates", []):
+        lines += [f"Runs of {', '.join(f'`{m}`' for m in u['methods'])} replaced on {u['started']} by:", "", "```",
+                  u["command"], "```", ""]
     header = ["method", "status", _metric_label(metric), "trainable params", "trainable %", mem_label, "train time (s)"]
     if summary["lora_ran"]:
         header.append("step time vs LoRA")
@@ -519,6 +523,8 @@ def command_line(ns: argparse.Namespace, out: Path, work_dir: Path) -> str:
     if ns.options:
         argv += ["--options", ns.options]
     argv += ["--out", str(out), "--work-dir", str(work_dir)]
+    if getattr(ns, "update", False):
+        argv.append("--update")
     if not ns.methods:
         i = argv.index("--methods")
         del argv[i:i + 2]
@@ -548,8 +554,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", default=None, help="report folder (default: docs/results/<task>)")
     p.add_argument("--work-dir", default=None, help="run folders with checkpoints (default: runs/bench/<task>)")
+    p.add_argument("--update", action="store_true", help="run only --methods (no baselines) and replace their rows "
+                   "in the report already in --out, whose settings must match")
     p.add_argument("--replot", default=None, metavar="DIR", help="only rewrite DIR's report.md and plots from its "
                    "results.json (no training)")
+
+
+def previous_results(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``--update``: the report in ``out``, checked to be of the same task and settings (a row
+    trained with other epochs or another seed would not be comparable)."""
+    if not ns.methods:
+        raise DeltatuneError("--update needs --methods: the methods whose rows to run again")
+    path = out / "results.json"
+    if not path.is_file():
+        raise DeltatuneError(f"--update: no results.json in {out}; run without --update first (or give --out)")
+    previous = json.loads(path.read_text())
+    if previous.get("task") != ns.task:
+        raise DeltatuneError(f"--update: {path} is a report on {previous.get('task')!r}, not on {ns.task!r}")
+    differ = [f"--{k.replace('_', '-')} {getattr(ns, k)!r} (report: {previous['settings'].get(k)!r})"
+              for k in SHARED_SETTINGS if previous["settings"].get(k) != getattr(ns, k)]
+    if differ:
+        raise DeltatuneError(f"--update: settings differ from {path}'s: {'; '.join(differ)}; give the report's "
+                             "settings (its command is in report.md) or write a new report without --update")
+    return previous
+
+
+def merge_update(previous: dict[str, Any], records: list[dict[str, Any]], command: str, stamp: str) -> dict[str, Any]:
+    """The previous report with these runs in place of its rows of the same methods (new methods
+    appended), and the command that replaced them recorded."""
+    new = {r["method"]: r for r in records}
+    runs = [new.pop(r["method"], r) for r in previous["runs"]] + list(new.values())
+    update = {"command": command, "started": stamp, "methods": [r["method"] for r in records]}
+    return {**previous, "runs": runs, "updates": [*previous.get("updates", []), update]}
 
 
 def rewrite_report(folder: Path) -> int:
@@ -573,6 +609,7 @@ def main_methods(ns: argparse.Namespace) -> int:
     TrainArgs(**{k: getattr(ns, k) for k in SHARED_SETTINGS}).validate()    # bad settings: fail before any run
     out = Path(ns.out) if ns.out else Path("docs") / "results" / task_name(ns.task)
     work_dir = Path(ns.work_dir) if ns.work_dir else Path("runs") / "bench" / task_name(ns.task)
+    previous = previous_results(ns, out) if ns.update else None
     runs = plan_runs(ns, work_dir)
     command = command_line(ns, out, work_dir)
     print(f"bench methods on {ns.task}: {', '.join(r['method'] for r in runs)} ({len(runs)} runs, one process each)",
@@ -585,11 +622,14 @@ def main_methods(ns: argparse.Namespace) -> int:
         durations.append(rec["wall_seconds"])
         records.append(rec)
     metric = task_metric(ns.task)
-    summary = analyse(records, metric)
-    results = {"task": ns.task, "command": command, "started": stamp,
-               "wall_seconds": round(time.perf_counter() - started, 1),
-               "settings": {k: getattr(ns, k) for k in SHARED_SETTINGS}, "versions": _versions(),
-               "metric": metric, "summary": summary, "runs": records}
+    if previous is not None:
+        results = merge_update(previous, records, command, stamp)
+    else:
+        results = {"task": ns.task, "command": command, "started": stamp,
+                   "wall_seconds": round(time.perf_counter() - started, 1),
+                   "settings": {k: getattr(ns, k) for k in SHARED_SETTINGS}, "versions": _versions(),
+                   "metric": metric, "runs": records}
+    results["summary"] = analyse(results["runs"], metric)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(out / "report.md", report_markdown(results).encode())
