@@ -200,12 +200,25 @@ def test_resume_requires_checkpoint_and_same_settings(tiny_model, toy_csv, tmp_p
                                                       "feedforward": ["output.dense"]}),
                                              ("prompt_tuning", {"num_virtual_tokens": 4}),
                                              ("dora", {"r": 2})])
-def test_other_methods_train_one_epoch(tiny_model, toy_csv, tmp_path, method, options):
+def test_other_methods_train_one_epoch(tiny_model, toy_csv, tmp_path, method, options, monkeypatch):
+    # the rate for the model's architecture (the tiny model is a "bert") wins over default_lr
+    spec = dt.get_method(method)
+    monkeypatch.setitem(spec.lr_by_model, "bert", 2 * spec.default_lr)
     metrics = train(TrainArgs(model=str(tiny_model), data=str(toy_csv), method=method, method_options=options,
                               epochs=1, batch_size=32, max_length=24, out=str(tmp_path / method), progress=False,
                               device="cpu"))
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["trainable_params"] > 99
-    assert metrics["lr"] == dt.get_method(method).default_lr
+    assert metrics["lr"] == 2 * spec.default_lr
+
+
+def test_default_lr_per_architecture(monkeypatch):
+    from deltatune.train.loop import BASELINES, default_lr
+    assert default_lr("full", "bert") == BASELINES["full"] and default_lr("full", "efficientnet_lite") == 1e-3
+    assert default_lr("head", "efficientnet_lite") == BASELINES["head"]
+    monkeypatch.setitem(dt.get_method("lora").lr_by_model, "llama", 1e-4)
+    assert default_lr("lora", "llama") == 1e-4 and default_lr("lora", None) == dt.get_method("lora").default_lr
+    with pytest.raises(dt.DeltatuneError, match="unknown method"):
+        default_lr("lorra", "bert")
 
 
 # ----------------------------------------------------------------------------- command line

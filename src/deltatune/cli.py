@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default="lora", help="a registered method (see `deltatune methods`), or the "
                    "baselines full (every weight trains) and head (only the new classifier head)")
     t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's default_lr)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's default_lr, or its rate for the model's "
+                   "architecture; `deltatune methods` lists them)")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--eval-batch-size", type=int, default=128)
     t.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
@@ -239,7 +240,8 @@ def cmd_methods() -> int:
     for name in dt.available_methods():
         m = dt.get_method(name)
         print(f"{name}: {m.paper}")
-        print(f"    default lr {m.default_lr:g}; hooks the {m.hook}; layer kinds: {', '.join(m.kinds)}")
+        by_model = "".join(f", {lr:g} on {t}" for t, lr in m.lr_by_model.items())
+        print(f"    default lr {m.default_lr:g}{by_model}; hooks the {m.hook}; layer kinds: {', '.join(m.kinds)}")
         cls = m.config_cls
         opts = []
         for f in dataclasses.fields(cls):

@@ -115,16 +115,13 @@ def parse_options(text: str | None, methods: list[str]) -> dict[str, dict[str, A
 def plan_runs(ns: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
     """One ``TrainArgs`` dict per method; invalid method options fail the run, not the plan,
     so that the report shows them."""
-    import deltatune as dt
     methods = parse_methods(ns.methods, ns.task, baselines=not getattr(ns, "update", False))
     options = parse_options(ns.options, methods)
     shared = {k: getattr(ns, k) for k in SHARED_SETTINGS}
     runs = []
     for m in methods:
         opts = dict(options.get(m, {}))
-        lr = opts.pop("lr", None)
-        if lr is None:      # spelled out, so that results.json says which rate each run used
-            lr = BASELINES[m] if m in BASELINES else dt.get_method(m).default_lr
+        lr = opts.pop("lr", None)     # None: the run's default for its model (its metrics.json records it)
         if m == "lora":
             opts = {**LORA_DEFAULTS, **opts}
         runs.append({"method": m, "train_args": {**shared, "data": ns.task, "method": m, "method_options": opts,
@@ -402,7 +399,7 @@ def report_markdown(results: dict[str, Any]) -> str:
         m = r.get("metrics") or {}
         opts = json.dumps(r["train_args"]["method_options"]) if r["train_args"]["method_options"] else "defaults"
         lr = m.get("lr", r["train_args"].get("lr"))
-        lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else str(lr)
+        lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else "default"
         done = f"{m['steps'] / max(m['planned_steps'], 1) * s['epochs']:.2f}" if m else "—"
         lines.append(f"| `{r['method']}` | {lr_text} | `{opts}` | {done} | {r['wall_seconds']:.1f} |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]

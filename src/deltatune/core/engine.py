@@ -95,7 +95,9 @@ def _under(name: str, patterns: list[str]) -> bool:
     return any(match_pattern(n, None, p) for n in prefixes for p in patterns if not p.startswith("type:"))
 
 
-def _model_type(model: nn.Module) -> str | None:
+def model_type(model: nn.Module) -> str | None:
+    """The transformers ``model_type`` of the first submodule with a config (``None``: no config);
+    what default targets and per-architecture learning rates are keyed by."""
     for m in model.modules():
         cfg = getattr(m, "config", None)
         if cfg is not None and getattr(cfg, "model_type", None):
@@ -125,12 +127,12 @@ def resolve_targets(model: nn.Module, method: Method, cfg: BaseConfig) -> list[s
     defaults = method.default_targets
     if callable(defaults):
         return defaults(model)
-    model_type = _model_type(model)
-    if model_type in defaults:
-        return defaults[model_type]
+    kind = model_type(model)
+    if kind in defaults:
+        return defaults[kind]
     known = ", ".join(sorted(defaults)) or "none"
     raise DeltatuneError(
-        f"{method.name}: no default targets for model type {model_type!r} (defaults exist for: {known}); "
+        f"{method.name}: no default targets for model type {kind!r} (defaults exist for: {known}); "
         f"pass targets=[...] (see `deltatune inspect` for the module names)")
 
 

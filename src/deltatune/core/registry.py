@@ -22,7 +22,9 @@ class Method:
     builds the delta module for one wrapped layer; expected_parameters(base, kind, cfg, overrides)
     is the paper's parameter-count formula for one layer (checked by the conformance suite);
     default_targets maps a transformers ``model_type`` to target patterns; default_lr is the
-    learning rate found by our sweeps; variants are extra configs the conformance suite runs.
+    learning rate found by our sweeps, lr_by_model the rate for a ``model_type`` where the sweep
+    found that architecture wants another (convnets train at larger rates than transformers);
+    variants are extra configs the conformance suite runs.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Method:
     default_targets: dict[str, list[str]]
     default_lr: float
     variants: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    lr_by_model: dict[str, float] = dataclasses.field(default_factory=dict)
     mergeable: bool = True
     identity_at_init: bool = True
     on_attach: Callable[[nn.Module, str], None] | None = None
