@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import deltatune as dt  # noqa: E402
 from deltatune import cli  # noqa: E402
 from deltatune.train.checkpoint import CHECKPOINT_FILE, load_checkpoint  # noqa: E402
-from deltatune.train.loop import TrainArgs, derive_seed, linear_schedule, train  # noqa: E402
+from deltatune.train.loop import BASELINES, TrainArgs, derive_seed, linear_schedule, train  # noqa: E402
 from deltatune.train.model import TextClassifier, load_encoder, resolve_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_other_methods_train_one_epoch(tiny_model, toy_csv, tmp_path, method, op
 def test_default_lr_per_architecture(monkeypatch):
     from deltatune.train.loop import BASELINES, default_lr
     assert default_lr("full", "bert") == BASELINES["full"] and default_lr("full", "efficientnet_lite") == 1e-3
-    assert default_lr("head", "efficientnet_lite") == BASELINES["head"]
+    assert default_lr("head", "efficientnet_lite") == 3e-3 and default_lr("head", "llama") == BASELINES["head"]
     monkeypatch.setitem(dt.get_method("lora").lr_by_model, "llama", 1e-4)
     assert default_lr("lora", "llama") == 1e-4 and default_lr("lora", None) == dt.get_method("lora").default_lr
     with pytest.raises(dt.DeltatuneError, match="unknown method"):
@@ -393,8 +393,10 @@ def test_head_lr_gives_the_head_its_own_rate(tiny_model, toy_csv, tmp_path, monk
     assert metrics["head_lr"] == 3e-2
     # 8 LoRA tensors (A, B on query and value of 2 layers) at 1e-3; weight and bias of the head at 3e-2
     assert seen == [[(8, 1e-3), (2, 3e-2)]]
-    assert TrainArgs().head_lr == 3e-2         # the default: the linear probe's rate
-    train(dataclasses.replace(args, head_lr=None, out=str(tmp_path / "same")))
-    assert seen[1] == [(10, 1e-3)]                # None: one group at the run's rate
-    with pytest.raises(ValueError, match="head-lr"):
+    train(dataclasses.replace(args, head_lr=0, out=str(tmp_path / "same")))
+    assert seen[1] == [(10, 1e-3)]                # 0: one group at the run's rate
+    assert TrainArgs().head_lr is None            # the default: the linear probe's rate for the model
+    metrics = train(dataclasses.replace(args, head_lr=None, out=str(tmp_path / "probe_rate")))
+    assert seen[2] == [(8, 1e-3), (2, BASELINES["head"])] and metrics["head_lr"] == BASELINES["head"]
+    with pytest.raises(ValueError, match="head-lr must be a number >= 0"):
         TrainArgs(head_lr=-1.0).validate()

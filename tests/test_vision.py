@@ -268,7 +268,7 @@ def test_setup_builds_the_task_with_a_seeded_head(monkeypatch):
 
 @pytest.mark.parametrize("method", ["lora", "head"])
 def test_training_loop_runs_the_fashion_task(monkeypatch, tmp_path, method):
-    from deltatune.train.loop import TrainArgs, train
+    from deltatune.train.loop import TrainArgs, default_lr, train
     _tiny_fashion(monkeypatch)
     m = train(TrainArgs(data="fashion", method=method, epochs=1, batch_size=8, eval_batch_size=8,
                         out=str(tmp_path), progress=False))
@@ -276,3 +276,6 @@ def test_training_loop_runs_the_fashion_task(monkeypatch, tmp_path, method):
     assert m["model"] == "efficientnet_lite0" and m["label_names"][0] == "t-shirt/top"
     assert (tmp_path / "checkpoint.safetensors").is_file()
     assert (tmp_path / "adapter.safetensors").is_file() == (method == "lora")
+    # the convnet's own rates: its probe trains at 3e-3 (as the head baseline, and as every run's new head)
+    assert (m["lr"], m["head_lr"]) == ((default_lr("lora", "efficientnet_lite"), 3e-3) if method == "lora"
+                                       else (3e-3, None))

@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--head-dropout", type=float, default=0.1, help="dropout before the classification head")
     t.add_argument("--out", default=None, help="output folder (default: runs/<data>-<method>)")
-    t.add_argument("--head-lr", type=float, default=3e-2,
-                   help="learning rate of the new classification head (the linear probe's rate; --head-lr 0 "
-                        "means the same as --lr)")
+    t.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the new classification head (default: the linear probe's rate for the "
+                        "model, 3e-2 on transformers, 3e-3 on the convnet; 0: the same as --lr)")
     t.add_argument("--budget-seconds", type=float, default=None,
                    help="stop training once this many seconds were spent in training steps, then evaluate")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
@@ -227,7 +227,7 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
     args = TrainArgs(model=ns.model, data=ns.data, method=ns.method, method_options=options, epochs=ns.epochs,
                      lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
-                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr or None, precision=ns.precision, budget_seconds=ns.budget_seconds,
+                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, budget_seconds=ns.budget_seconds,
                      out=ns.out, resume=ns.resume,
                      device=ns.device, progress=ns.progress)
     args.validate()

@@ -513,8 +513,7 @@ def command_line(ns: argparse.Namespace, out: Path, work_dir: Path) -> str:
     argv = ["deltatune", "bench", "methods", "--task", ns.task, "--methods", ns.methods or "",
             *(["--model", ns.model] if ns.model else []), "--epochs", str(ns.epochs), "--seed", str(ns.seed), "--batch-size",
             str(ns.batch_size), "--max-length", str(ns.max_length), "--precision", ns.precision,
-            "--head-lr", f"{ns.head_lr:g}",
-            "--device", ns.device]
+            *(["--head-lr", f"{ns.head_lr:g}"] if ns.head_lr is not None else []), "--device", ns.device]
     if ns.budget_seconds is not None:
         argv += ["--budget-seconds", f"{ns.budget_seconds:g}"]
     if ns.options:
@@ -546,8 +545,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
-    p.add_argument("--head-lr", type=float, default=3e-2, help="learning rate of every run's new classification "
-                   "head (default: 3e-2, the linear probe's)")
+    p.add_argument("--head-lr", type=float, default=None, help="learning rate of every run's new classification "
+                   "head (default: the linear probe's rate for the model: 3e-2 on transformers, 3e-3 on the convnet)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", default=None, help="report folder (default: docs/results/<task>)")
     p.add_argument("--work-dir", default=None, help="run folders with checkpoints (default: runs/bench/<task>)")
