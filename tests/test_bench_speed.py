@@ -46,6 +46,15 @@ def test_table_prints_ratios_to_floor_and_peft():
     assert "| floor | 2.000 | 1.00 |" in text
 
 
+def test_checks_table_is_one_markdown_table():
+    rows = [{"workload": "minilm", "check": "a vs b", "ratio": 0.91, "bound": 0.95, "pass": True},
+            {"workload": "minilm", "check": "c vs d", "ratio": 1.2, "bound": 1.1, "pass": False}]
+    lines = speed.checks_table(rows).splitlines()
+    # a blank line inside a markdown table ends it: every row must follow the header directly
+    assert lines == ["| check | ratio | bound | holds |", "|---|---|---|---|",
+                     "| minilm: a vs b | 0.91 | <= 0.95 | yes |", "| minilm: c vs d | 1.20 | <= 1.1 | **no** |"]
+
+
 @pytest.mark.slow
 def test_bench_speed_runs_on_minilm(tmp_path):
     pytest.importorskip("peft")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
+from ..core.io import atomic_write_bytes
 from ..train.loop import peak_rss_mb
 
 HEAD = "classifier"
@@ -360,6 +361,14 @@ def table(workload: str, train: dict, mem: dict | None, inf: dict | None) -> str
     return "\n".join(lines)
 
 
+def checks_table(rows: list[dict[str, Any]]) -> str:
+    """The issue's bounds against the measured ratios, as one markdown table."""
+    lines = ["| check | ratio | bound | holds |", "|---|---|---|---|"]
+    lines += [f"| {c['workload']}: {c['check']} | {c['ratio']:.2f} | <= {c['bound']} | "
+              f"{'yes' if c['pass'] else '**no**'} |" for c in rows]
+    return "\n".join(lines)
+
+
 def run(workloads: list[str], rounds: int, memory: bool, inference: bool, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": rounds,
                                "workloads": {}, "checks": []}
@@ -382,14 +391,11 @@ def run(workloads: list[str], rounds: int, memory: bool, inference: bool, out: P
         results["checks"] += checks(wl, train, mem, inf)
         md.append(table(wl, train, mem, inf))
         print(md[-1], flush=True)
-    md.append("\n| check | ratio | bound | holds |\n|---|---|---|---|")
-    for c in results["checks"]:
-        md.append(f"| {c['workload']}: {c['check']} | {c['ratio']:.2f} | <= {c['bound']} | "
-                  f"{'yes' if c['pass'] else '**no**'} |")
-    print("\n".join(md[-(len(results['checks']) + 1):]))
+    md.append(checks_table(results["checks"]))
+    print(md[-1])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "speed.md").write_text("\n\n".join(md) + "\n")
+    atomic_write_bytes(out / "speed.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "speed.md", ("\n\n".join(md) + "\n").encode())
     print(f"\nwrote {out / 'speed.json'} and {out / 'speed.md'}")
     return results
 
