@@ -23,7 +23,7 @@ from torch import nn
 from ...core.config import method_config
 from ...core.layers import channel_view, out_in, to_2d
 from ...core.registry import Method, register
-from .lora import DEFAULT_TARGETS, LoraConfig, LoraDelta
+from .lora import DEFAULT_TARGETS, GROUPED_DELTAS, LoraConfig, LoraDelta
 from .lora import expected_parameters as lora_expected_parameters
 
 
@@ -49,11 +49,9 @@ class DoraDelta(LoraDelta):
         sq = (w2 * w2).sum(dim=1) + 2 * self.scale * cross + self.scale ** 2 * quad
         return sq.clamp_min(0).sqrt().clamp_min(1e-12)
 
-    def fused_forward(self, x, base):
-        """LoRA's fused function with the rescaling ``g = m / ||W + s B A||_c`` folded in."""
-        if not self.fusable(x, base):
-            return None
-        return self.fused_apply(x, base, self.magnitude, self.weight_norm(base))
+    def rescale(self, base):
+        """LoRA's fused functions take the rescaling ``g = m / ||W + s B A||_c`` folded in."""
+        return self.magnitude, self.weight_norm(base)
 
     def forward(self, x, y, base):
         g = channel_view(self.magnitude / self.weight_norm(base), y, self.kind)
@@ -70,6 +68,7 @@ class DoraDelta(LoraDelta):
 
 
 make_delta = DoraDelta.from_config
+GROUPED_DELTAS.add(DoraDelta)
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: DoraConfig, name: str) -> int:
