@@ -49,6 +49,32 @@ def test_mixed_batch_equals_each_sample_alone(methods):
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_batch_with_and_without_lora_bias_and_its_gradients():
+    """Adapters with a trained bias next to adapters without one: outputs and the gradients of
+    every factor equal running each sample alone (eval mode: the base model's own dropout off)."""
+    model = tiny_bert()
+    for i, bias in enumerate(["lora_only", "none", "lora_only"]):
+        dt.attach(model, dt.config("lora", r=2 + i, targets=["query", "value"], bias=bias), name=f"a{i}")
+        _randomise(model)
+    model.eval()
+    names = ["a1", "a0", None, "a2", "a0"]
+    b = batch(n=len(names))
+    with dt.per_sample_adapters(model, names):
+        mixed = model(**b)
+    mixed = mixed if isinstance(mixed, torch.Tensor) else mixed.logits
+    mixed.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    expected = _alone(model, b, names)
+    expected.square().sum().backward()
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(grads)
+    assert any("lora_bias" in n for n in grads)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_mixed_batch_on_a_causal_lm():
     model = tiny_llama().eval()
     for i in range(4):

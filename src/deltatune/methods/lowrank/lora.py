@@ -360,22 +360,26 @@ class LoraDelta(Delta):
             return None
         factors = [d.factors() for d in deltas]
         rmax = max(A.shape[0] for A, _ in factors)
+        out = factors[0][1].shape[0]
+        # the scale goes into B and the base output into the last product (baddbmm), so the
+        # low-rank terms cost two batched products and no full-size elementwise pass
         A_all = x.new_zeros(len(deltas) + 1, rmax, factors[0][0].shape[1])
-        B_all = x.new_zeros(len(deltas) + 1, factors[0][1].shape[0], rmax)
-        scale = x.new_zeros(len(deltas) + 1)
-        bias = x.new_zeros(len(deltas) + 1, factors[0][1].shape[0])
+        B_all = x.new_zeros(len(deltas) + 1, out, rmax)
         for i, (d, (A, B)) in enumerate(zip(deltas, factors)):
             A_all[i, : A.shape[0]] = A
-            B_all[i, :, : B.shape[1]] = B
-            scale[i] = d.scale
-            if d.lora_bias is not None:
-                bias[i] = d.lora_bias
+            B_all[i, :, : B.shape[1]] = B * d.scale
         slot = torch.where(index < 0, len(deltas), index)   # the last slot is all zeros: the base model
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         z = torch.bmm(x3, A_all[slot].transpose(1, 2))
-        z = torch.bmm(z, B_all[slot].transpose(1, 2)) * scale[slot][:, None, None] + bias[slot][:, None, :]
         y = base(x, *args, **kwargs)
-        return y + z.reshape(y.shape)
+        y3 = y.reshape(x.shape[0], -1, out)
+        if any(d.lora_bias is not None for d in deltas):
+            bias = x.new_zeros(len(deltas) + 1, out)
+            for i, d in enumerate(deltas):
+                if d.lora_bias is not None:
+                    bias[i] = d.lora_bias
+            y3 = y3 + bias[slot][:, None, :]
+        return torch.baddbmm(y3, z, B_all[slot].transpose(1, 2)).reshape(y.shape)
 
     def delta_2d(self, dtype=torch.float64) -> torch.Tensor:
         A, B = self.factors()
