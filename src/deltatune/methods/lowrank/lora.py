@@ -124,9 +124,7 @@ class FusedLoraLinear(torch.autograd.Function):
             out.addmm_(z, B.t(), alpha=scale)
         else:
             pre = (x2 @ w2.t()).addmm_(z, B.t(), alpha=scale)
-            out = pre * (magnitude / norm)
-            if bias is not None:
-                out += bias
+            out = pre * (magnitude / norm) if bias is None else torch.addcmul(bias, pre, magnitude / norm)
         if lora_bias is not None:
             out += lora_bias
         ctx.save_for_backward(x2, drop, z, w2, A, B, pre, magnitude, norm)
@@ -186,9 +184,7 @@ class FusedLoraGroup(torch.autograd.Function):
                 pres.append(None)
             else:
                 pre = (x2 @ w2.t()).addmm_(z, B.t(), alpha=s)
-                y = pre * (mag / norm)
-                if b is not None:
-                    y += b
+                y = pre * (mag / norm) if b is None else torch.addcmul(b, pre, mag / norm)
                 pres.append(pre)
             if lb is not None:
                 y += lb
