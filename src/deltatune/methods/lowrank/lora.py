@@ -156,7 +156,7 @@ class FusedLoraLinear(torch.autograd.Function):
             if drop is None:
                 dx.addmm_(gB, A, alpha=s)
             else:
-                dx += (gB @ A).mul_(s / (1 - p)).masked_fill_(drop, 0)
+                dx.add_((gB @ A).masked_fill_(drop, 0), alpha=s / (1 - p))
             dx = dx.reshape(*g.shape[:-1], dx.shape[-1])
         return dx, None, None, dA, dB, dlb, dmag, None, None, None
 
