@@ -356,9 +356,8 @@ class _Siblings(nn.Module):
         return self.query(x).sum() + self.key(k_in).sum() * 0.5 + self.value(x).pow(2).sum()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("split", [False, True], ids=["shared-input", "k-reads-another-tensor"])
-def test_shared_input_group_equals_separate_layers(split, method, monkeypatch):
+def test_shared_input_group_equals_separate_layers(split, monkeypatch):
     from deltatune.core import wrapper
     computed = []
     original = wrapper.SharedInput.compute
@@ -369,7 +368,7 @@ def test_shared_input_group_equals_separate_layers(split, method, monkeypatch):
         monkeypatch.setattr(wrapper, "FAST_PATHS", fast)
         torch.manual_seed(0)
         m = _Siblings(split)
-        dt.attach(m, dt.config(method, r=2, targets=["query", "key", "value"], bias="lora_only"))
+        dt.attach(m, dt.config("lora", r=2, targets=["query", "key", "value"], bias="lora_only"))
         assert m.query.shared is m.key.shared is m.value.shared is not None
         with torch.no_grad():
             for _, p in dt.trainable_parameters(m):

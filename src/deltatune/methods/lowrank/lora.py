@@ -162,34 +162,26 @@ class FusedLoraLinear(torch.autograd.Function):
 
 
 class FusedLoraGroup(torch.autograd.Function):
-    """Several LoRA (or DoRA) layers on one input (q/k/v, gate/up), without dropout:
-    ``FusedLoraLinear`` for each, except that the input is read once for all the
-    down-projections (``x [A_1; A_2; ...]^T``) and once for all their gradients, and the input
-    gradient takes all the low-rank terms in one ``addmm_``. A member with a magnitude gets DoRA's
-    rescaling ``g = magnitude / norm`` as in ``FusedLoraLinear``. An output the model never used
-    gets no gradient and costs nothing in backward."""
+    """Several LoRA layers on one input (q/k/v, gate/up), without dropout: ``FusedLoraLinear`` for
+    each, except that the input is read once for all the down-projections (``x [A_1; A_2; ...]^T``)
+    and once for all their gradients, and the input gradient takes all the low-rank terms in one
+    ``addmm_``. An output the model never used gets no gradient and costs nothing in backward."""
 
     @staticmethod
     def forward(ctx, x, n: int, scales: tuple, *tensors):
         x2 = x.reshape(-1, x.shape[-1])
-        ws, biases, As, Bs, lbs, mags, norms = (tensors[i * n:(i + 1) * n] for i in range(7))
+        ws, biases, As, Bs, lbs = (tensors[i * n:(i + 1) * n] for i in range(5))
         A_cat = torch.cat(As)
         Z = x2 @ A_cat.t()
         ranks = [A.shape[0] for A in As]
-        outs, pres = [], []
-        for w2, b, z, B, lb, s, mag, norm in zip(ws, biases, Z.split(ranks, dim=1), Bs, lbs, scales, mags, norms):
-            if mag is None:
-                y = torch.addmm(b, x2, w2.t()) if b is not None else x2 @ w2.t()
-                y.addmm_(z, B.t(), alpha=s)
-                pres.append(None)
-            else:
-                pre = (x2 @ w2.t()).addmm_(z, B.t(), alpha=s)
-                y = pre * (mag / norm) if b is None else torch.addcmul(b, pre, mag / norm)
-                pres.append(pre)
+        outs = []
+        for w2, b, z, B, lb, s in zip(ws, biases, Z.split(ranks, dim=1), Bs, lbs, scales):
+            y = torch.addmm(b, x2, w2.t()) if b is not None else x2 @ w2.t()
+            y.addmm_(z, B.t(), alpha=s)
             if lb is not None:
                 y += lb
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, Z, A_cat, *ws, *Bs, *pres, *mags, *norms)
+        ctx.save_for_backward(x2, Z, A_cat, *ws, *Bs)
         ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
         ctx.has_lb = [lb is not None for lb in lbs]
         return tuple(outs)
@@ -198,24 +190,20 @@ class FusedLoraGroup(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, Z, A_cat, *rest = ctx.saved_tensors
         n, scales, ranks = ctx.n, ctx.scales, ctx.ranks
-        ws, Bs, pres, mags, norms = (rest[i * n:(i + 1) * n] for i in range(5))
+        ws, Bs = rest[:n], rest[n:]
         need = ctx.needs_input_grad
         dx = None
-        gBs, dBs, dlbs, dmags = [], [None] * n, [None] * n, [None] * n
+        gBs, dBs, dlbs = [], [None] * n, [None] * n
         for i, (g, w2, B, z, s) in enumerate(zip(grads, ws, Bs, Z.split(ranks, dim=1), scales)):
             if g is None:
                 gBs.append(Z.new_zeros(Z.shape[0], ranks[i]))
                 continue
             g2 = g.reshape(-1, g.shape[-1])
-            if ctx.has_lb[i] and need[3 + 4 * n + i]:
-                dlbs[i] = g2.sum(0)
-            if mags[i] is not None:
-                if need[3 + 5 * n + i]:
-                    dmags[i] = (g2 * pres[i]).sum(0) / norms[i]
-                g2 = g2 * (mags[i] / norms[i])
             gBs.append(g2 @ B * s)
             if need[3 + 3 * n + i]:
                 dBs[i] = (g2.t() @ z).mul_(s)
+            if ctx.has_lb[i] and need[3 + 4 * n + i]:
+                dlbs[i] = g2.sum(0)
             if need[0]:
                 dx = g2 @ w2 if dx is None else dx.addmm_(g2, w2)
         gB = torch.cat(gBs, dim=1)
@@ -224,7 +212,7 @@ class FusedLoraGroup(torch.autograd.Function):
         if need[0]:
             dx = gB @ A_cat if dx is None else dx.addmm_(gB, A_cat)
             dx = dx.reshape(ctx.x_shape)
-        return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs, *dmags, *([None] * n))
+        return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs)
 
 
 class LoraDelta(Delta):
@@ -328,14 +316,12 @@ class LoraDelta(Delta):
         if torch.is_autocast_enabled(x.device.type):
             return None
         for d, base in members:
-            if type(d) not in GROUPED_DELTAS or d.kind != "linear" or not d.fusable(x, base) or (
+            if type(d) is not LoraDelta or d.kind != "linear" or not d.fusable(x, base) or (
                     d.training and d.dropout > 0):
                 return None
         factors = [d.factors() for d, _ in members]
-        rescales = [d.rescale(base) for d, base in members]
         tensors = ([base.weight for _, base in members] + [base.bias for _, base in members]
-                   + [A for A, _ in factors] + [B for _, B in factors] + [d.lora_bias for d, _ in members]
-                   + [m for m, _ in rescales] + [norm for _, norm in rescales])
+                   + [A for A, _ in factors] + [B for _, B in factors] + [d.lora_bias for d, _ in members])
         return FusedLoraGroup.apply(x, len(members), tuple(d.scale for d, _ in members), *tensors)
 
     def forward(self, x, y, base):
@@ -396,10 +382,6 @@ class LoraDelta(Delta):
 
 
 make_delta = LoraDelta.from_config
-
-# delta classes whose math is FusedLoraGroup's (LoRA; DoRA adds itself): a subclass that changes
-# the math must not silently take the group path
-GROUPED_DELTAS: set[type] = {LoraDelta}
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: LoraConfig, name: str) -> int:
