@@ -404,3 +404,27 @@ def test_shared_input_group_under_inference_mode():
         expected = m(x)
     with torch.inference_mode():
         torch.testing.assert_close(m(x), expected)
+
+
+def test_shared_input_group_keeps_no_model_or_graph_alive():
+    """The group remembers the last input only weakly and its members without a reference cycle:
+    a model deleted after a forward is freed at once (no wait for the garbage collector), and a
+    forward whose result is dropped does not keep its graph (and the saved activations) alive."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        m = _Siblings(False)
+        dt.attach(m, dt.config("lora", r=2, targets=["query", "key", "value"]))
+        assert m.query.shared is not None
+        x = torch.randn(3, 5, 8, requires_grad=True)
+        h = x * 1.0                          # a non-leaf input, as inside a model
+        out = m(h)
+        graph_input = weakref.ref(h)
+        del out, h
+        assert graph_input() is None, "the group keeps the last input (and its graph) alive"
+        model_ref = weakref.ref(m)
+        del m
+        assert model_ref() is None, "a model with a q/k/v group is only freed by the garbage collector"
+    finally:
+        gc.enable()

@@ -9,6 +9,8 @@ weights is ``merged``. Nothing else is hidden.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -66,10 +68,15 @@ class SharedInput:
     (its delta class's ``grouped_forward``) and leaves the others' outputs here; a member called
     next with the same tensor, unchanged (same object, same version counter), takes its output.
     A member called with anything else computes alone, so the result never depends on this, and
-    leaves the group: the architecture does not feed it the others' input."""
+    leaves the group: the architecture does not feed it the others' input.
+
+    The group holds its members and the last input weakly: a strong reference to the input would
+    keep that forward's graph (every saved activation) alive after the caller dropped it, and the
+    members hold the group, so strong references back would make a cycle that only the garbage
+    collector frees."""
 
     def __init__(self, layers: list["DeltaLayer"]):
-        self.layers = layers
+        self.layers = [weakref.ref(m) for m in layers]
         self.key: tuple | None = None
         self.pending: dict[int, torch.Tensor] = {}
         self.left: set[int] = set()
@@ -79,7 +86,7 @@ class SharedInput:
         if id(layer) in self.left or x.is_inference():     # inference tensors have no version counter
             return None
         k = self.key
-        if k is not None and k[0] is x and k[1] == x._version and k[2] == torch.is_grad_enabled():
+        if k is not None and k[0]() is x and k[1] == x._version and k[2] == torch.is_grad_enabled():
             out = self.pending.pop(id(layer), None)
             if out is not None:
                 return out
@@ -94,8 +101,9 @@ class SharedInput:
         adapter and kind; else None."""
         self.pending, self.key = {}, None
         members = []
-        for m in self.layers:
-            if id(m) in self.left and m is not layer:
+        for ref in self.layers:
+            m = ref()
+            if m is None or (id(m) in self.left and m is not layer):
                 continue
             deltas = m.running()
             if m.per_sample is not None or len(deltas) != 1 or m.active != layer.active:
@@ -110,7 +118,7 @@ class SharedInput:
         if outs is None:
             return None
         self.pending = {id(m): o for (m, _), o in zip(members, outs) if m is not layer}
-        self.key = (x, x._version, torch.is_grad_enabled())
+        self.key = (weakref.ref(x), x._version, torch.is_grad_enabled())
         return outs[[m for m, _ in members].index(layer)]
 
 
