@@ -146,13 +146,19 @@ def parse_method_options(method: str, tokens: Sequence[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand's parser from
+    # resetting a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of an error")
     parser = argparse.ArgumentParser(
-        prog="deltatune", description="Parameter- and memory-efficient fine-tuning of pretrained PyTorch models.")
+        prog="deltatune", parents=[common],
+        description="Parameter- and memory-efficient fine-tuning of pretrained PyTorch models.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
 
     t = sub.add_parser(
-        "train", allow_abbrev=False, help="fine-tune a text classifier (default: MiniLM on BBC News with LoRA)",
+        "train", allow_abbrev=False, parents=[common], help="fine-tune a text classifier (default: MiniLM on BBC News with LoRA)",
         description="Fine-tune an encoder with a new classification head. Any other --option is a field of the "
                     "method's config (see `deltatune methods`), e.g. --r 8 --alpha 16 --targets query,value "
                     "--dropout 0.1; lists are comma-separated, dicts JSON, booleans true/false.",
@@ -184,26 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: matmuls in bfloat16 under autocast (faster on CPUs with AVX512-BF16/AMX and "
                         "on GPUs); parameters, optimizer and loss stay fp32")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (it stays whole until the new run is complete)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    sub.add_parser("methods", help="list the registered methods with their papers and options")
+    sub.add_parser("methods", parents=[common], help="list the registered methods with their papers and options")
 
-    i = sub.add_parser("inspect", help="list the modules of a model that methods can target")
+    i = sub.add_parser("inspect", parents=[common], help="list the modules of a model that methods can target")
     i.add_argument("--model", default="minilm", help="'minilm' or a local Hugging Face model folder")
 
-    m = sub.add_parser("merge", help="fold an adapter into the model and save the full model")
+    m = sub.add_parser("merge", parents=[common], help="fold an adapter into the model and save the full model")
     m.add_argument("--model", default="minilm", help="the base model the adapter was trained on")
     m.add_argument("--adapter", required=True, help="adapter folder (e.g. the --out of `deltatune train`)")
-    m.add_argument("--out", required=True, help="folder for the merged model (save_pretrained, safetensors)")
+    m.add_argument("--out", required=True, help="folder for the merged model (save_pretrained, safetensors); "
+                   "written completely or not at all")
+    m.add_argument("--overwrite", action="store_true", help="replace the merged model already in --out")
 
-    b = sub.add_parser("bench", help="benchmarks: speed against Hugging Face PEFT; methods compared on a task")
+    b = sub.add_parser("bench", parents=[common], help="benchmarks: speed against Hugging Face PEFT; methods compared on a task")
     bsub = b.add_subparsers(dest="bench", metavar="{speed,methods}", required=True)
     from .bench.speed import add_arguments as speed_arguments
-    speed_arguments(bsub.add_parser("speed", help="deltatune and PEFT side by side, timed interleaved"))
+    speed_arguments(bsub.add_parser("speed", parents=[common], help="deltatune and PEFT side by side, timed interleaved"))
     from .bench.methods import add_arguments as methods_arguments
     methods_arguments(bsub.add_parser(
-        "methods", help="train methods and the full / head-only baselines on one task: report and plots"))
+        "methods", parents=[common], help="train methods and the full / head-only baselines on one task: report and plots"))
     return parser
 
 
@@ -228,7 +238,7 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
                      lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
                      weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, budget_seconds=ns.budget_seconds,
-                     out=ns.out, resume=ns.resume,
+                     out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                      device=ns.device, progress=ns.progress)
     args.validate()
     train(args)
@@ -289,78 +299,135 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(ns: argparse.Namespace) -> int:
-    import deltatune as dt
+def _contains(outer: Path, inner: Path) -> bool:
+    outer, inner = outer.resolve(), inner.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _label_names(metrics: Path, num_labels: int) -> list[str] | None:
+    """The label names a training run recorded in ``metrics.json`` (None without the file)."""
+    if not metrics.is_file():
+        return None
+    fix = "fix the file or delete it (the merged head then has no label names)"
+    try:
+        record = json.loads(metrics.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DeltatuneError(f"{metrics}: not valid UTF-8 JSON ({e}); {fix}") from None
+    names = record.get("label_names") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not (names is None or (
+            isinstance(names, list) and len(names) == num_labels and all(isinstance(n, str) for n in names))):
+        raise DeltatuneError(f"{metrics}: 'label_names' must be a list of {num_labels} strings (one per output of "
+                             f"the head); {fix}")
+    return names
+
+
+def _write_head(folder: Path, head: Any, info: dict[str, Any]) -> None:
     from safetensors.torch import save as st_save
 
-    from .train.checkpoint import atomic_write_bytes
-    from .train.model import TextClassifier, load_encoder, load_tokenizer
+    from .core.io import atomic_write_bytes
+    head_bytes = st_save({"weight": head.weight.detach().contiguous().cpu(),
+                          "bias": head.bias.detach().contiguous().cpu()}, metadata={"format": "pt"})
+    atomic_write_bytes(folder / "classifier.safetensors", head_bytes)
+    atomic_write_bytes(folder / "classifier.json", (json.dumps(info, indent=2) + "\n").encode())
 
-    adapter = Path(ns.adapter)
-    cfg_path = adapter / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise DeltatuneError(f"{adapter}: not an adapter folder (no adapter_config.json)")
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    """Every input is read and checked, and the merged weights checked finite, before anything is
+    written; the output folder then appears complete or not at all (``outputs.stage_output``)."""
+    import deltatune as dt
+    import torch
+
+    from .core.io import read_adapter
+    from .train.model import TextClassifier, load_encoder, load_tokenizer, resolve_model_path
+    from .train.outputs import stage_output
+
+    adapter, out = Path(ns.adapter), Path(ns.out)
+    model_dir = resolve_model_path(ns.model)
+    for what, folder in (("the base model", model_dir), ("the adapter", adapter)):
+        if folder.exists() and _contains(out, folder):
+            raise DeltatuneError(f"--out {out} would write over {what} ({folder}); give a new folder for the "
+                                 f"merged model")
+    meta, tensors = read_adapter(adapter)
+    head_weight = tensors.get("modules.classifier.weight")
+    if head_weight is not None and head_weight.dim() != 2:
+        raise DeltatuneError(f"{adapter}: the classifier head weight has shape {tuple(head_weight.shape)}; a "
+                             f"linear head needs (num_labels, hidden)")
+    labels = _label_names(adapter / "metrics.json", int(head_weight.shape[0])) if head_weight is not None else None
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and ns.overwrite and not (out / "config.json").is_file():
+        raise DeltatuneError(f"--out {out}: holds files but no config.json, so it is not a merged model this "
+                             f"command wrote; --overwrite replaces only such a folder: give a new folder")
+    output = stage_output(out, existing, ns.overwrite, "files",
+                          "add --overwrite to replace that merged model, or give a new folder", always_stage=True)
     try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DeltatuneError(f"{cfg_path}: not valid JSON ({e})") from None
-    head_shape = (meta.get("tensors") or {}).get("modules.classifier.weight")
-    encoder = load_encoder(ns.model)
-    model: Any = encoder
-    if head_shape is not None:
-        model = TextClassifier(encoder, int(head_shape[0]))
-    dt.load_adapter(model, adapter)
-    dt.unload(model, merge=True)
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.save_pretrained(str(out), safe_serialization=True)
-    load_tokenizer(ns.model).save_pretrained(str(out))
-    print(f"merged {meta.get('method')} adapter {adapter} into {ns.model}; saved the model to {out}")
-    if head_shape is not None:
-        head = model.classifier
-        labels = None
-        metrics = adapter / "metrics.json"
-        if metrics.is_file():
-            try:
-                labels = json.loads(metrics.read_text()).get("label_names")
-            except json.JSONDecodeError:
-                labels = None
-        head_bytes = st_save({"weight": head.weight.detach().contiguous().cpu(),
-                              "bias": head.bias.detach().contiguous().cpu()}, metadata={"format": "pt"})
-        atomic_write_bytes(out / "classifier.safetensors", head_bytes)
-        info = {"num_labels": int(head_shape[0]), "label_names": labels, "pooling": "masked mean",
-                "adapter": str(adapter), "method": meta.get("method")}
-        atomic_write_bytes(out / "classifier.json", (json.dumps(info, indent=2) + "\n").encode())
-        print(f"saved the classification head to {out / 'classifier.safetensors'} (+ classifier.json)")
+        encoder = load_encoder(ns.model)
+        model: Any = encoder if head_weight is None else TextClassifier(encoder, int(head_weight.shape[0]))
+        dt.load_adapter(model, adapter)
+        dt.unload(model, merge=True)
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DeltatuneError(f"merging {adapter} gives non-finite values in {name}; the adapter does not fit "
+                                     f"this model's weights (nothing was written)")
+        tokenizer = load_tokenizer(ns.model)
+        encoder.save_pretrained(str(output.work), safe_serialization=True)
+        tokenizer.save_pretrained(str(output.work))
+        if head_weight is not None:
+            _write_head(output.work, model.classifier, {
+                "num_labels": int(head_weight.shape[0]), "label_names": labels, "pooling": "masked mean",
+                "adapter": str(adapter), "method": meta.get("method")})
+        output.commit()
+    except BaseException:
+        output.discard()
+        raise
+    print(f"merged {meta.get('method')} adapter {adapter} into {ns.model}; saved the model to {out}"
+          + (" with its classification head (classifier.safetensors + classifier.json)" if head_weight is not None
+             else ""))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; bad input ends in one line on stderr naming the problem and the fix, and
+    exit status 2 (``--debug`` shows the traceback instead)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     ns, extra = parser.parse_known_args(argv)
     if extra and ns.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = getattr(ns, "debug", False)
     try:
-        if ns.command == "train":
-            return cmd_train(ns, extra)
-        if ns.command == "methods":
-            return cmd_methods()
-        if ns.command == "inspect":
-            return cmd_inspect(ns)
-        if ns.command == "merge":
-            return cmd_merge(ns)
-        if ns.command == "bench" and ns.bench == "methods":
-            from .bench.methods import main_methods
-            return main_methods(ns)
-        if ns.command == "bench":
-            from .bench.speed import main_speed
-            return main_speed(ns)
+        return run_command(ns, extra)
     except DeltatuneError as e:
+        if debug:
+            raise
         print(f"deltatune {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {ns.command!r}")
-    return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"deltatune {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:      # a defect of deltatune, not of the input: say so, briefly
+        if debug:
+            raise
+        print(f"deltatune {ns.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+              f" (run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def run_command(ns: argparse.Namespace, extra: list[str]) -> int:
+    if ns.command == "train":
+        return cmd_train(ns, extra)
+    if ns.command == "methods":
+        return cmd_methods()
+    if ns.command == "inspect":
+        return cmd_inspect(ns)
+    if ns.command == "merge":
+        return cmd_merge(ns)
+    if ns.command == "bench" and ns.bench == "methods":
+        from .bench.methods import main_methods
+        return main_methods(ns)
+    from .bench.speed import main_speed
+    return main_speed(ns)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
-from .tasks import EqualSizeSplit, TaskSetup
+from .tasks import EqualSizeSplit, TaskSetup, check_max_length
 
 RDATA_DIR = Path("/usr/lib/R/site-library/tokenizers/data")
 OBJECT = "mobydick"
@@ -316,6 +316,7 @@ def setup(args: Any) -> TaskSetup:
     text = book_text(read_moby_dick())
     model_name = args.model or SMOLLM2
     lm, tokenizer = load_causal_lm(model_name)
+    check_max_length(args.max_length, getattr(lm.config, "max_position_embeddings", None), model_name)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     train, test = pack_book(ids, args.max_length)
     description = (f"lm: Moby Dick (r-cran-tokenizers), {len(text):,} characters, {len(ids):,} tokens; packed "

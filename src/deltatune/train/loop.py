@@ -46,12 +46,15 @@ import torch
 from ..core.errors import DeltatuneError
 from ..core.engine import model_type
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint
-from .tasks import TaskSetup, setup_task
+from .outputs import StagedOutput, check_writable, stage_output
+from .tasks import KINDS, TEXT_TASKS, TaskSetup, setup_task
 
 WARMUP_FRACTION = 0.06
 MAX_GRAD_NORM = 1.0
 METRICS_FILE = "metrics.json"
 HEAD = "classifier"
+# what a run writes into its folder: an existing one is replaced only with --overwrite
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, "adapter_config.json", "adapter.safetensors")
 # bf16: matmuls under torch.autocast in bfloat16 (weights, optimizer state and the loss stay fp32)
 PRECISIONS = ("fp32", "bf16")
 # baselines (not adapters) -> default learning rate. full: the usual BERT fine-tuning rate
@@ -94,35 +97,44 @@ class TrainArgs:
     precision: str = "fp32"
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False             # replace an existing run in ``out`` (once the new one is complete)
     device: str = "auto"
     progress: bool = True
     budget_seconds: float | None = None
 
     # arguments that may change between an interrupted run and its resumption
-    RESUMABLE_CHANGES = ("out", "resume", "device", "progress", "eval_batch_size", "budget_seconds")
+    RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "progress", "eval_batch_size", "budget_seconds")
 
     def validate(self) -> None:
+        """Check every argument's type and range before anything loads (one clear error each)."""
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DeltatuneError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise DeltatuneError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise DeltatuneError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         for name in ("lr", "head_lr", "budget_seconds"):      # optional positive numbers (head_lr: or 0)
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or not (v > 0 or (v == 0 and name == "head_lr"))):
                 kind = "a number >= 0" if name == "head_lr" else "a positive number"
                 raise DeltatuneError(f"--{name.replace('_', '-')} must be {kind}, got {v!r}")
+        for name, low, high in (("weight_decay", 0.0, math.inf), ("head_dropout", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v < high:
+                bound = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g})"
+                raise DeltatuneError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {v!r}")
         if self.method in BASELINES and self.method_options:
             raise DeltatuneError(f"--method {self.method} is a baseline without options, got "
                                  f"{sorted(self.method_options)}; drop them or pick an adapter method")
         if self.precision not in PRECISIONS:
             raise DeltatuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not 0 <= self.head_dropout < 1:
-            raise DeltatuneError(f"--head-dropout must be in [0, 1), got {self.head_dropout!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
             raise DeltatuneError(f"--device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise DeltatuneError("--resume continues the run in --out and --overwrite replaces it: give one of them")
 
     def output_dir(self) -> Path:
         if self.out:
@@ -240,17 +252,53 @@ def _log(msg: str) -> None:
 
 def train(args: Any) -> dict[str, Any]:
     """Run a training job (see the module docstring); returns the metrics written to
-    ``metrics.json``. ``args``: a ``TrainArgs``, an ``argparse.Namespace`` or a dict with its fields."""
-    import deltatune as dt
-
+    ``metrics.json``. ``args``: a ``TrainArgs``, an ``argparse.Namespace`` or a dict with its fields.
+    An output folder that already holds a run is continued only with ``resume`` and replaced only
+    with ``overwrite`` (see ``outputs.StagedOutput``)."""
     a = TrainArgs.from_any(args)
     a.validate()
+    if a.method not in BASELINES:
+        method_config(a.method, a.method_options)      # validate before the slow parts
+    final = a.output_dir()
+    if a.resume:
+        check_writable(final)
+        output = StagedOutput(final, final, [])
+    else:
+        output = stage_output(final, [f for f in RUN_FILES if (final / f).exists()], a.overwrite, "a run",
+                              "add --resume to continue it, --overwrite to replace it (the old run stays until "
+                              "the new one is complete), or give another --out")
+    try:
+        metrics = _train(a, output.work, final)
+        output.commit()
+    except BaseException:
+        output.discard()
+        raise
+    return metrics
+
+
+def data_sha256(data: str) -> str | None:
+    """The content hash of a data file (None for a built-in task): ``--resume`` refuses a file
+    that changed since the checkpoint, even at the same path."""
+    path = Path(data)
+    if data in TEXT_TASKS or data in KINDS or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
+    """The run itself, writing into ``out`` (the output folder, or its staging folder when the
+    run replaces an earlier one; ``shown_out`` is the folder named in messages)."""
+    import deltatune as dt
+
     baseline = a.method in BASELINES
-    cfg = None if baseline else method_config(a.method, a.method_options)    # validate before the slow parts
-    out = a.output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = None
     ckpt_path = out / CHECKPOINT_FILE
     ckpt = None
+    data_hash = data_sha256(a.data)
     if a.resume:
         if not ckpt_path.exists():
             raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
@@ -260,6 +308,11 @@ def train(args: Any) -> dict[str, Any]:
         if changed:
             diff = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
             raise CheckpointError(f"{ckpt_path}: cannot resume with different settings ({diff})")
+        if ckpt.args.get("data_sha256") != data_hash:
+            raise CheckpointError(
+                f"{ckpt_path}: the data {a.data} is not the data this run was trained on (sha256 "
+                f"{str(ckpt.args.get('data_sha256'))[:16]} then, {str(data_hash)[:16]} now); --resume continues "
+                f"only on the same data: restore the file, or start a new run with --overwrite")
 
     seed_everything(a.seed)
     device = pick_device(a.device)
@@ -343,7 +396,7 @@ def train(args: Any) -> dict[str, Any]:
             with autocast(device, a.precision):
                 _, loss = model(**batch)
             if not torch.isfinite(loss):
-                raise DeltatuneError(f"epoch {epoch + 1}, batch {i}: the loss is {float(loss)}; lower --lr "
+                raise DeltatuneError(f"epoch {epoch + 1}, batch {i}: the loss is {float(loss.detach())}; lower --lr "
                                      f"(now {lr:g})")
             (loss / group_size).backward()
             n = len(batch["labels"])
@@ -380,7 +433,7 @@ def train(args: Any) -> dict[str, Any]:
                  f"steps; no checkpoint for the partial epoch")
             break
         save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch=epoch + 1, step=step, metrics=history,
-                        args=_jsonable(a.to_json()))
+                        args=_jsonable({**a.to_json(), "data_sha256": data_hash}))
         if epoch + 1 < a.epochs and budget_spent(0.0):
             stopped_early = True
             _log(f"the time budget of {a.budget_seconds:g} s is spent after epoch {epoch + 1} of {a.epochs}")
@@ -425,7 +478,7 @@ def train(args: Any) -> dict[str, Any]:
     metrics = _jsonable(metrics)
     atomic_write_bytes(out / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode())
     saved = "checkpoint" if baseline else "adapter, checkpoint"
-    _log(f"{_metric_text(setup.metric, metrics[setup.metric])}; {saved} and {METRICS_FILE} in {out}")
+    _log(f"{_metric_text(setup.metric, metrics[setup.metric])}; {saved} and {METRICS_FILE} in {shown_out}")
     _log(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "method_config", "label_names")}))
     return metrics
 

@@ -7,6 +7,7 @@ local folders are accepted. Remote code is never trusted.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def _transformers():
 
 def resolve_model_path(name_or_path: str) -> Path:
     """``"minilm"`` -> the folder of the packaged all-MiniLM-L6-v2; otherwise a local folder
-    holding a Hugging Face model (``config.json`` and weights)."""
+    holding a Hugging Face model (``config.json`` and safetensors weights), checked by
+    ``check_model_folder`` before transformers reads it."""
     if name_or_path == MINILM:
         path = package_dir(*MINILM_PACKAGE) / "model"
         if not (path / "config.json").is_file():
@@ -54,29 +56,91 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"model {name_or_path!r} is not '{MINILM}' (the packaged all-MiniLM-L6-v2) nor a local folder; "
             f"models are never downloaded, so give the path of a folder made by save_pretrained")
     if not (path / "config.json").is_file():
-        raise DeltatuneError(f"{path}: not a Hugging Face model folder (no config.json)")
+        raise DeltatuneError(f"{path}: not a Hugging Face model folder (no config.json file)")
+    check_model_folder(path)
     return path
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DeltatuneError(f"{path}: not UTF-8 text ({e}); re-save the model with save_pretrained") from None
+    except json.JSONDecodeError as e:
+        raise DeltatuneError(f"{path}: not valid JSON ({e}); re-save the model with save_pretrained") from None
+    except OSError as e:
+        raise DeltatuneError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise DeltatuneError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def check_model_folder(path: Path) -> dict[str, Any]:
+    """Refuse, before transformers reads anything, a folder that asks to run its own code or
+    whose weights would have to be unpickled; check that its safetensors files are complete.
+    Returns the parsed ``config.json``.
+
+    transformers asks at a terminal prompt whether to run a folder's ``auto_map`` code when
+    ``trust_remote_code`` is left unset; deltatune passes ``False`` and, more plainly, refuses
+    such folders here, so no answer at any prompt can run them."""
+    config = _read_json_object(path / "config.json")
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        cfg = config if name == "config.json" else (_read_json_object(path / name) if (path / name).is_file()
+                                                     else {})
+        if "auto_map" in cfg:
+            raise DeltatuneError(
+                f"{path / name}: names custom Python code to run (auto_map: {json.dumps(cfg['auto_map'])[:120]}); "
+                f"deltatune never runs code from a model folder. Use a folder of a built-in transformers "
+                f"architecture (a config.json whose model_type transformers knows, without auto_map)")
+    weights = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if not weights and pickles:
+        raise DeltatuneError(
+            f"{path}: holds only pickled weights ({', '.join(pickles)}), which deltatune never loads (unpickling "
+            f"can run arbitrary code); convert them to safetensors in a trusted environment "
+            f"(model.save_pretrained(dir, safe_serialization=True))")
+    from safetensors import safe_open
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:      # safetensors raises its own error types for truncated headers and data
+            raise DeltatuneError(f"{file}: not a complete safetensors file ({e}); the file is truncated or "
+                                 f"corrupted: copy or save the model again") from None
+    return config
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The longest input the model's position embeddings allow (``max_position_embeddings`` or
+    ``n_positions`` in its ``config.json``), or None when the config names no limit."""
+    config = _read_json_object(resolve_model_path(name_or_path) / "config.json")
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _from_pretrained(loader: Any, path: Path, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` on a checked local folder: no hub, no remote code."""
+    try:
+        return loader.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise DeltatuneError(f"{path}: cannot load the {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                             ) from None
 
 
 def load_encoder(name_or_path: str = MINILM) -> nn.Module:
     """The pretrained encoder (``transformers.AutoModel``) from ``resolve_model_path``."""
     tf = _transformers()
-    path = resolve_model_path(name_or_path)
-    try:
-        return tf.AutoModel.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DeltatuneError(f"{path}: cannot load the model: {e}") from None
+    return _from_pretrained(tf.AutoModel, resolve_model_path(name_or_path), "model", use_safetensors=True)
 
 
 def load_tokenizer(name_or_path: str = MINILM) -> Any:
     """The tokenizer saved next to the model (``transformers.AutoTokenizer``)."""
     tf = _transformers()
-    path = resolve_model_path(name_or_path)
-    try:
-        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DeltatuneError(f"{path}: cannot load the tokenizer (the folder must hold the tokenizer files "
-                             f"too): {e}") from None
+    return _from_pretrained(tf.AutoTokenizer, resolve_model_path(name_or_path),
+                            "tokenizer (the folder must hold the tokenizer files too)")
 
 
 class TextClassifier(nn.Module):
@@ -155,8 +219,8 @@ def smollm2_folder() -> Path:
     print(f"converting the packaged SmolLM2-135M (GGUF) to {target} (once, ~30 s)", flush=True)
     try:
         gguf_model = tf.AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF,
-                                                             torch_dtype=torch.float32)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+                                                             torch_dtype=torch.float32, trust_remote_code=False)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
     except ImportError as e:
         raise DeltatuneError(f"reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf` ({e})") from None
     # save_pretrained refuses a GGUF-loaded model: rebuild it from its config
@@ -178,9 +242,6 @@ def load_causal_lm(name_or_path: str = SMOLLM2) -> tuple[nn.Module, Any]:
     Hugging Face folder."""
     tf = _transformers()
     path = smollm2_folder() if name_or_path == SMOLLM2 else resolve_model_path(name_or_path)
-    try:
-        model = tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DeltatuneError(f"{path}: cannot load a causal LM: {e}") from None
-    return model, tokenizer
+    model = _from_pretrained(tf.AutoModelForCausalLM, path, "causal LM", torch_dtype=torch.float32,
+                             use_safetensors=True)
+    return model, _from_pretrained(tf.AutoTokenizer, path, "tokenizer")

@@ -110,11 +110,20 @@ def evaluate_classifier(model: torch.nn.Module, split: Any, batch_size: int, dev
     return {"test_accuracy": correct / max(n, 1), "test_loss": loss_sum / max(n, 1)}
 
 
+def check_max_length(max_length: int, limit: int | None, model_name: str) -> None:
+    """Refuse a ``--max-length`` beyond the model's position embeddings before anything is
+    tokenised (it would fail deep inside the first forward pass)."""
+    if limit is not None and max_length > limit:
+        raise DeltatuneError(f"--max-length {max_length} is above the {limit} positions of model {model_name!r}; "
+                             f"use --max-length {limit} or less")
+
+
 def setup_text(args: Any) -> TaskSetup:
     from .data import encode_task, load_task
-    from .model import MINILM, build_classifier, load_tokenizer
-    task = load_task(args.data)
+    from .model import MINILM, build_classifier, load_tokenizer, max_positions
     model_name = args.model or MINILM
+    check_max_length(args.max_length, max_positions(model_name), model_name)
+    task = load_task(args.data)
     tokenizer = load_tokenizer(model_name)
     train_split, test_split = encode_task(tokenizer, task, args.max_length)
     model = build_classifier(model_name, task.num_labels, seed=args.seed, dropout=args.head_dropout)
