@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deltatune-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all fuzz bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ test: install
 
 test-all: install
 	$(VENV)/bin/pytest -q
+
+# the nightly fuzz profile: 50,000 generated inputs per reader (CI runs 2,000 inside `make test`)
+fuzz: install
+	DELTATUNE_FUZZ_EXAMPLES=50000 $(VENV)/bin/pytest -q tests/fuzz
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

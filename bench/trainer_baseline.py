@@ -55,8 +55,9 @@ def main() -> None:
     start = time.perf_counter()
     task = load_task(a.data)
     path = str(resolve_model_path("minilm"))
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
+    tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels,
+                                                                            trust_remote_code=False)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["query", "value"]))
     train = Texts(tok(task.train_texts, truncation=True, max_length=a.max_length), task.train_labels)

@@ -25,18 +25,26 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not NIGHT
 OUTCOMES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
+class Outcome:
+    """What one generated input led to; the body of ``counted`` may name it (``outcome.name``)."""
+
+    def __init__(self) -> None:
+        self.name = "ok"
+
+
 @contextlib.contextmanager
 def counted(reader: str):
-    """Count one generated input for ``reader``: a clean exit is "ok", a deltatune error is
-    counted by its class name; any other exception is counted as "unexpected" and re-raised,
-    so hypothesis shrinks and reports it."""
+    """Count one generated input for ``reader``: a clean exit is counted under ``outcome.name``
+    ("ok" unless the body set it), a deltatune error by its class name; any other exception is
+    counted as "unexpected" and re-raised, so hypothesis shrinks and reports it."""
     from deltatune.core.errors import DeltatuneError
+    outcome = Outcome()
     try:
-        yield
+        yield outcome
     except DeltatuneError as e:
         OUTCOMES[reader][type(e).__name__] += 1
     except BaseException:
         OUTCOMES[reader]["unexpected"] += 1
         raise
     else:
-        OUTCOMES[reader]["ok"] += 1
+        OUTCOMES[reader][outcome.name] += 1

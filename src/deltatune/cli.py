@@ -385,6 +385,12 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(message: str) -> str:
+    """``message`` on one line: line breaks and other control characters (which a hostile file
+    name or option value can carry into a message) are shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; bad input ends in one line on stderr naming the problem and the fix, and
     exit status 2 (``--debug`` shows the traceback instead)."""
@@ -399,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeltatuneError as e:
         if debug:
             raise
-        print(f"deltatune {ns.command}: error: {e}", file=sys.stderr)
+        print(f"deltatune {ns.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
@@ -409,8 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:      # a defect of deltatune, not of the input: say so, briefly
         if debug:
             raise
-        print(f"deltatune {ns.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-              f" (run again with --debug for the traceback, and please report it)", file=sys.stderr)
+        print(f"deltatune {ns.command}: internal error: {type(e).__name__}: {one_line(str(e))} (run again with "
+              f"--debug for the traceback, and please report it)", file=sys.stderr)
         return 1
 
 
