@@ -357,3 +357,16 @@ def test_merge_refuses_a_head_that_is_not_a_matrix(tiny_model, run_dir, tmp_path
     assert cli.main(merge_argv(tiny_model, adapter, tmp_path / "merged")) == 2
     assert "classifier" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+def test_bench_reports_are_not_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
+    from deltatune.bench import methods, speed
+    monkeypatch.setattr(methods, "run_one", lambda *a, **k: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(speed, "run", lambda *a, **k: pytest.fail("timed before checking --out"))
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "speed.json").write_text("{}")
+    assert cli.main(["bench", "methods", "--task", "bbc", "--methods", "lora", "--out", str(tmp_path)]) == 2
+    assert "already holds a report" in capsys.readouterr().err
+    assert cli.main(["bench", "speed", "--out", str(tmp_path)]) == 2
+    assert "already holds speed.json" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == (tmp_path / "speed.json").read_text() == "{}"

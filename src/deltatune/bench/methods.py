@@ -125,7 +125,9 @@ def plan_runs(ns: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
         if m == "lora":
             opts = {**LORA_DEFAULTS, **opts}
         runs.append({"method": m, "train_args": {**shared, "data": ns.task, "method": m, "method_options": opts,
-                                                 "lr": lr, "out": str(work_dir / m), "progress": False}})
+                                                 "lr": lr, "out": str(work_dir / m), "progress": False,
+                                                 # the bench's own scratch folders: each bench starts them anew
+                                                 "overwrite": True}})
     return runs
 
 
@@ -552,6 +554,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="run folders with checkpoints (default: runs/bench/<task>)")
     p.add_argument("--update", action="store_true", help="run only --methods (no baselines) and replace their rows "
                    "in the report already in --out, whose settings must match")
+    p.add_argument("--overwrite", action="store_true", help="replace the report already in --out (without it, "
+                   "an existing report is kept and the command stops before training)")
     p.add_argument("--replot", default=None, metavar="DIR", help="only rewrite DIR's report.md and plots from its "
                    "results.json (no training)")
 
@@ -606,6 +610,9 @@ def main_methods(ns: argparse.Namespace) -> int:
     out = Path(ns.out) if ns.out else Path("docs") / "results" / task_name(ns.task)
     work_dir = Path(ns.work_dir) if ns.work_dir else Path("runs") / "bench" / task_name(ns.task)
     previous = previous_results(ns, out) if ns.update else None
+    if previous is None and (out / "results.json").exists() and not getattr(ns, "overwrite", False):
+        raise DeltatuneError(f"--out {out} already holds a report (results.json); add --overwrite to replace it, "
+                             f"--update --methods ... to re-run some of its rows, or give another --out")
     runs = plan_runs(ns, work_dir)
     command = command_line(ns, out, work_dir)
     print(f"bench methods on {ns.task}: {', '.join(r['method'] for r in runs)} ({len(runs)} runs, one process each)",

@@ -406,6 +406,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     p.add_argument("--no-inference", dest="inference", action="store_false", help="skip the inference timings")
     p.add_argument("--out", default="bench/results", help="folder for speed.json and speed.md")
+    p.add_argument("--overwrite", action="store_true", help="replace the speed.json and speed.md already in --out")
 
 
 def main_speed(ns: argparse.Namespace) -> int:
@@ -415,6 +416,10 @@ def main_speed(ns: argparse.Namespace) -> int:
         raise DeltatuneError(f"unknown workload(s) {', '.join(bad)}: choose from {', '.join(SHAPES)}")
     if ns.rounds < 1:
         raise DeltatuneError(f"--rounds must be >= 1, got {ns.rounds}")
+    existing = [f for f in ("speed.json", "speed.md") if (Path(ns.out) / f).exists()]
+    if existing and not getattr(ns, "overwrite", False):
+        raise DeltatuneError(f"--out {ns.out} already holds {', '.join(existing)}; add --overwrite to replace them, "
+                             f"or give another --out")
     run(workloads, ns.rounds, ns.memory, ns.inference, Path(ns.out))
     return 0
 
