@@ -446,10 +446,24 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> nn.Module:
         if not method.mergeable:
             raise DeltatuneError(f"adapter {n!r} ({method.name}) cannot be merged into weights: "
                                  f"it changes the input sequence, not a layer's weights")
-    for _, w in wrappers(model):
+    # The forward feeds input transforms (IA3 on a feed-forward input) to the frozen layer only,
+    # before every output delta, which sees the original input: W' = out_k(...out_1(W diag(l))).
+    # So merge folds input transforms first, and refuses to fold an output delta under an input
+    # transform that stays unmerged (that one would then rescale the folded delta's input too).
+    plans = []
+    for mod_name, w in wrappers(model):
         todo = [n for n in names if n in w.deltas and n not in w.merged]
-        if not todo:
-            continue
+        todo.sort(key=lambda n: not w.deltas[n].transforms_input)
+        left = [n for n in w.active if n in w.deltas and n not in w.merged and n not in todo
+                and w.deltas[n].transforms_input]
+        if left and any(not w.deltas[n].transforms_input for n in todo):
+            raise DeltatuneError(f"{mod_name}: merging {', '.join(todo)} while {', '.join(left)} (which rescales the "
+                                 f"layer's input) stays unmerged would change the outputs; merge them together "
+                                 f"(dt.merge(model, [{', '.join(repr(n) for n in left + todo)}])) or deactivate "
+                                 f"{', '.join(left)} first")
+        if todo:
+            plans.append((w, todo))
+    for w, todo in plans:
         weight, bias = _weight_and_bias(w.base)
         if w.backup is None:
             w.backup = (weight.detach().clone(), None if bias is None else bias.detach().clone())
