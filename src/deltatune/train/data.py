@@ -10,7 +10,9 @@ packages' code (several of them import heavy or missing dependencies at import t
   removed before splitting (the first occurrence is kept; a text seen with two different labels
   is dropped entirely), so no text is in both train and test.
 - any ``.csv`` / ``.jsonl`` file with ``text`` and ``label`` columns (labels may be strings or
-  integers).
+  integers), in UTF-8. Rows with an empty text are skipped with a notice; anything else amiss
+  (bytes that are not UTF-8, a repeated column, a row of the wrong length, a bad label) is
+  refused with the file and line (``read_table``).
 
 The train/test split is ``stratified_split``: 80 / 20 per class with a fixed seed (see its
 docstring). ``load_task`` uses split seed 0 unless told otherwise, independently of the
@@ -22,10 +24,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
 import random
+import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -137,64 +142,207 @@ def read_tweets() -> tuple[list[str], list[str]]:
     return dedupe(texts, labels)
 
 
+# ----------------------------------------------------------------------------- CSV / JSONL files
+
+# csv's default limit on one field (131,072 characters) is below some real articles. A field
+# over this bound is almost always a quote that is never closed and swallows the file.
+CSV_FIELD_LIMIT = 2**24
+# digits of an integer class id: ids are small numbers, a longer one is a mistaken column
+MAX_ID_DIGITS = 18
+# ASCII digits only: str.isdigit() also accepts '²' (which int() refuses) and '١٢' (read as 12)
+_INTEGER = re.compile(r"-?[0-9]+")
+# line numbers listed in the notice about skipped rows
+MAX_LISTED_LINES = 10
+# every task `deltatune train --data` knows by name (the image and language-model ones live in
+# vision.py and lm.py), for the messages that list them
+TASK_NAMES = (*BUILTIN, "fashion", "lm")
+DATA_FILE_HINT = f"give a .csv or .jsonl file with text and label columns, or a built-in task ({', '.join(TASK_NAMES)})"
+
+
+def _check_data_file(path: Path) -> None:
+    try:
+        if path.is_file():
+            return
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as e:        # a name too long for the file system, and the like
+        raise DeltatuneError(f"{path}: cannot open the data file ({e.strerror}); {DATA_FILE_HINT}") from None
+    if is_dir:
+        raise DeltatuneError(f"{path}: is a directory, not a data file; {DATA_FILE_HINT}")
+    if exists:
+        raise DeltatuneError(f"{path}: not a regular file; {DATA_FILE_HINT}")
+    raise DeltatuneError(f"{path}: no such data file; {DATA_FILE_HINT}")
+
+
+def _line_number(before: str) -> int:
+    """The 1-based line that follows ``before``; a line ends at \\n, \\r\\n or a lone \\r, as in
+    the CSV and JSONL readers."""
+    return before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text, decoded strictly as UTF-8 (a leading byte-order mark is dropped)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DeltatuneError(f"{path}: cannot read the data file ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # e.object is the input after the BOM; the bytes before e.start are valid UTF-8
+        line = _line_number(e.object[:e.start].decode("utf-8"))
+        raise DeltatuneError(f"{path}, line {line}: bytes {e.object[e.start:e.end]!r} are not valid UTF-8; "
+                             f"re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise DeltatuneError(f"{path}, line {_line_number(text[:nul])}: NUL byte; this looks like a binary "
+                             f"or UTF-16 file, re-encode it as UTF-8 text")
+    return text
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[int, str, str]]:
+    """(line, text cell, label cell) of each row under the header; the line is where the row starts."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)     # process-wide: restored below
+    try:
+        header = next(reader, [])
+        if "text" not in header or "label" not in header:
+            raise DeltatuneError(f"{path}: a CSV data file needs a header with 'text' and 'label' columns; "
+                                 f"found columns {header}")
+        repeated = [c for c in ("text", "label") if header.count(c) > 1]
+        if repeated:
+            counts = " and ".join(f"{header.count(c)} {c!r}" for c in repeated)
+            raise DeltatuneError(f"{path}, line 1: the header has {counts} columns; keep one of each (rename or "
+                                 f"drop the others)")
+        text_col, label_col = header.index("text"), header.index("label")
+        records = []
+        start = reader.line_num + 1
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row:         # a blank line
+                continue
+            if len(row) != len(header):
+                fields = "1 field" if len(row) == 1 else f"{len(row)} fields"
+                raise DeltatuneError(f"{path}, line {line}: {fields}, but the header has {len(header)}; "
+                                     f"quote any field that holds a comma (\"like, this\") and close every quote")
+            records.append((line, row[text_col], row[label_col]))
+        return records
+    except csv.Error as e:
+        hint = (f"a field over {CSV_FIELD_LIMIT:,} characters is almost always a quote that is never closed"
+                if "field limit" in str(e) else "check the quoting on that line")
+        raise DeltatuneError(f"{path}, line {reader.line_num}: cannot read the CSV ({e}); {hint}") from None
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers which of 'text' and 'label' it had more than once:
+    ``json.loads`` keeps only the last, which would silently pick one of two labels."""
+
+    repeated: list[str]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    keys = [k for k, _ in pairs]
+    obj.repeated = [k for k in ("text", "label") if keys.count(k) > 1]
+    return obj
+
+
+def _refuse_surrogates(value: str, what: str, where: str) -> None:
+    # JSON can escape half of a UTF-16 pair ("\ud800"): not a character, so no tokenizer takes it
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DeltatuneError(f"{where}: the {what} holds {value[e.start]!r}, half of a UTF-16 surrogate pair, "
+                             f"which is not a character; fix or remove that \\u escape") from None
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[int, str, Any]]:
+    """(line, text, raw label) of each non-blank line, a JSON object with 'text' and 'label' keys."""
+    records = []
+    for i, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i}"
+        try:
+            obj = json.loads(line, object_pairs_hook=_json_object)
+        except json.JSONDecodeError as e:
+            raise DeltatuneError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError:      # not a JSONDecodeError: Python's int() refuses numbers of over 4,300 digits
+            raise DeltatuneError(f"{where}: a number with thousands of digits; a label must be a class name "
+                                 f"or a small integer class id") from None
+        except RecursionError:
+            raise DeltatuneError(f"{where}: JSON nested too deeply; a label must be a class name or an "
+                                 f"integer class id") from None
+        if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+            raise DeltatuneError(f"{where}: each line must be a JSON object with 'text' and 'label' keys")
+        if obj.repeated:
+            raise DeltatuneError(f"{where}: the keys {' and '.join(map(repr, obj.repeated))} occur more than once; "
+                                 f"keep one of each")
+        if not isinstance(obj["text"], str):
+            raise DeltatuneError(f"{where}: 'text' must be a string, got {obj['text']!r:.80}")
+        _refuse_surrogates(obj["text"], "text", where)
+        if isinstance(obj["label"], str):
+            _refuse_surrogates(obj["label"], "label", where)
+        records.append((i, obj["text"], obj["label"]))
+    return records
+
+
 def _label_value(v: Any, where: str) -> Any:
-    if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
-        raise DeltatuneError(f"{where}: label {v!r} is not a class name or an integer class id")
-    if isinstance(v, float):
-        return int(v)
-    if isinstance(v, int):
-        return v
+    """A label as read: a class name (stripped) or an integer class id."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise DeltatuneError(f"{where}: label {v!r:.80} is not a class name or an integer class id")
     if isinstance(v, str):
-        s = v.strip()
-        if not s:
-            raise DeltatuneError(f"{where}: empty label")
-        return s
-    raise DeltatuneError(f"{where}: label {v!r} is not a class name or an integer class id")
+        v = v.strip()
+        if not v:
+            raise DeltatuneError(f"{where}: empty label; every row needs a class name or an integer class id")
+    if (abs(v) >= 10**MAX_ID_DIGITS if isinstance(v, int)
+            else _INTEGER.fullmatch(v) and len(v.lstrip("-")) > MAX_ID_DIGITS):
+        shown = str(v) if len(str(v)) <= 40 else f"{str(v)[:40]}..."
+        raise DeltatuneError(f"{where}: label {shown} is too long for an integer class id (at most "
+                             f"{MAX_ID_DIGITS} digits); use class names or small ids")
+    return v
 
 
 def read_table(path: str | os.PathLike) -> tuple[list[str], list[Any]]:
     """(texts, raw labels) from a CSV (header row with ``text`` and ``label`` columns) or a
-    JSONL file (one object per line with ``text`` and ``label`` keys)."""
+    JSONL file (one object per line with ``text`` and ``label`` keys), in UTF-8.
+
+    Rows whose text is empty or only white space are skipped, with a notice on stderr that
+    gives their lines; every other flaw (bad bytes, quoting, a missing or repeated column, a
+    label that is neither a class name nor an integer) is refused with its line."""
     path = Path(path)
-    if not path.is_file():
-        raise DeltatuneError(f"{path}: no such data file")
+    _check_data_file(path)
     suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _csv_records(path, _read_utf8(path))
+    elif suffix in (".jsonl", ".ndjson"):
+        records = _jsonl_records(path, _read_utf8(path))
+    else:
+        raise DeltatuneError(f"{path}: unsupported data file type {suffix!r}; {DATA_FILE_HINT}")
     texts: list[str] = []
     labels: list[Any] = []
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            if "text" not in cols or "label" not in cols:
-                raise DeltatuneError(f"{path}: a CSV data file needs a header with 'text' and 'label' columns; "
-                                     f"found columns {cols}")
-            for i, row in enumerate(reader, start=2):
-                text = row.get("text")
-                if text is None or row.get("label") is None:
-                    raise DeltatuneError(f"{path}, line {i}: missing text or label")
-                texts.append(text)
-                labels.append(_label_value(row["label"], f"{path}, line {i}"))
-    elif suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DeltatuneError(f"{path}, line {i}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
-                    raise DeltatuneError(f"{path}, line {i}: each line must be a JSON object with 'text' and "
-                                         f"'label' keys")
-                if not isinstance(obj["text"], str):
-                    raise DeltatuneError(f"{path}, line {i}: 'text' must be a string, got {obj['text']!r}")
-                texts.append(obj["text"])
-                labels.append(_label_value(obj["label"], f"{path}, line {i}"))
-    else:
-        raise DeltatuneError(f"{path}: unsupported data file type {suffix!r}; use a .csv or .jsonl file with "
-                             f"text and label columns, or a built-in dataset: {', '.join(BUILTIN)}")
+    empty: list[int] = []
+    for line, text, label in records:
+        if not text.strip():
+            empty.append(line)
+            continue
+        texts.append(text)
+        labels.append(_label_value(label, f"{path}, line {line}"))
+    if empty:
+        listed = ", ".join(map(str, empty[:MAX_LISTED_LINES]))
+        if len(empty) > MAX_LISTED_LINES:
+            listed += f", and {len(empty) - MAX_LISTED_LINES} more"
+        rows = "1 row" if len(empty) == 1 else f"{len(empty)} rows"
+        print(f"{path}: skipped {rows} with an empty text (line{'s' if len(empty) > 1 else ''} {listed})",
+              file=sys.stderr)
     if not texts:
-        raise DeltatuneError(f"{path}: no examples")
+        reason = ""
+        if empty:
+            reason = f": {'its only row has' if len(empty) == 1 else f'all {len(empty)} rows have'} an empty text"
+        raise DeltatuneError(f"{path}: no examples{reason}; a data file needs rows with a text and a label")
     return texts, labels
 
 
@@ -205,7 +353,7 @@ def encode_labels(raw: Sequence[Any], where: str = "data") -> tuple[list[int], l
     def as_int(v: Any) -> int | None:
         if isinstance(v, int):
             return v
-        if isinstance(v, str) and v.lstrip("-").isdigit():
+        if isinstance(v, str) and _INTEGER.fullmatch(v):
             return int(v)
         return None
 
@@ -259,7 +407,7 @@ def load_task(name_or_path: str, seed: int = SPLIT_SEED, test_fraction: float = 
         texts, raw = read_table(key)
         name = Path(key).stem
     else:
-        raise DeltatuneError(f"unknown dataset {key!r}: use one of {', '.join(BUILTIN)} or the path of a .csv / "
+        raise DeltatuneError(f"unknown dataset {key!r}: use one of {', '.join(TASK_NAMES)} or the path of a .csv / "
                              f".jsonl file with text and label columns")
     labels, label_names = encode_labels(raw, key)
     if len(label_names) < 2:
