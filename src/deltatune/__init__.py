@@ -12,6 +12,7 @@ from .core.config import BaseConfig
 from .core.engine import (active_adapters, attach, count_parameters, delete_adapter, disabled, merge,
                           per_sample_adapters, set_active, summary, trainable_parameters, unload, unmerge)
 from .core.errors import AdapterFileError, DeltatuneError
+from .core.hooks import auxiliary_loss, calibrate, parameter_groups, step_hook
 from .core.io import load_adapter, save_adapter
 from .core.registry import available_methods, config, get_method
 from .interop.peft import export_peft, import_peft
@@ -24,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError", "BaseConfig", "DeltatuneError", "DoraConfig", "IA3Config", "LoraConfig",
-    "PromptTuningConfig", "active_adapters", "attach", "available_methods", "config", "count_parameters",
+    "PromptTuningConfig", "active_adapters", "attach", "auxiliary_loss", "available_methods", "calibrate", "config",
+    "count_parameters", "parameter_groups", "step_hook",
     "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "per_sample_adapters", "save_adapter", "set_active",
     "summary", "trainable_parameters", "unload", "unmerge",
 ]

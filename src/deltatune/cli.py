@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: matmuls in bfloat16 under autocast (faster on CPUs with AVX512-BF16/AMX and "
                         "on GPUs); parameters, optimizer and loss stay fp32")
+    t.add_argument("--optimizer", default="adamw", help="adamw, adam or sgd (momentum 0.9); the rate of each "
+                   "parameter group comes from the method (e.g. LoRA+) and --head-lr")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (it stays whole until the new run is complete)")
@@ -237,7 +239,7 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
     args = TrainArgs(model=ns.model, data=ns.data, method=ns.method, method_options=options, epochs=ns.epochs,
                      lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
-                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, budget_seconds=ns.budget_seconds,
+                     weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, optimizer=ns.optimizer, budget_seconds=ns.budget_seconds,
                      out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                      device=ns.device, progress=ns.progress)
     args.validate()

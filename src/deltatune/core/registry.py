@@ -25,6 +25,14 @@ class Method:
     learning rate found by our sweeps, lr_by_model the rate for a ``model_type`` where the sweep
     found that architecture wants another (convnets train at larger rates than transformers);
     variants are extra configs the conformance suite runs.
+
+    Training hooks (all optional; ``core.hooks`` calls them for every attached adapter, the same
+    way from ``deltatune train``, a user's own loop or transformers' ``Trainer``):
+    lr_multipliers(cfg) maps a parameter's own name (e.g. ``"lora_B"``) to a factor on the
+    learning rate (LoRA+); calibrate(model, name, batches) runs before training on a few batches
+    (data-driven initialisations); auxiliary_loss(model, name) returns a term added to the task
+    loss (orthogonality regularisers, balance losses); on_step(model, name, step) runs after each
+    optimizer step (rank schedules, trainable-set schedules).
     """
 
     name: str
@@ -42,6 +50,10 @@ class Method:
     identity_at_init: bool = True
     on_attach: Callable[[nn.Module, str], None] | None = None
     on_remove: Callable[[nn.Module, str], None] | None = None
+    lr_multipliers: Callable[[BaseConfig], dict[str, float]] | None = None
+    calibrate: Callable[..., None] | None = None
+    auxiliary_loss: Callable[[nn.Module, str], Any] | None = None
+    on_step: Callable[[nn.Module, str, int], None] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

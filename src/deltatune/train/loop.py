@@ -45,6 +45,7 @@ import torch
 
 from ..core.errors import DeltatuneError
 from ..core.engine import model_type
+from ..optim import OPTIMIZERS, build_optimizer
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint
 from .outputs import StagedOutput, check_writable, stage_output
 from .tasks import KINDS, TEXT_TASKS, TaskSetup, setup_task
@@ -95,6 +96,7 @@ class TrainArgs:
     head_dropout: float = 0.1
     head_lr: float | None = None    # the new head's rate; None: the probe's for the architecture, 0: the run's lr
     precision: str = "fp32"
+    optimizer: str = "adamw"
     out: str | None = None
     resume: bool = False
     overwrite: bool = False             # replace an existing run in ``out`` (once the new one is complete)
@@ -129,6 +131,8 @@ class TrainArgs:
         if self.method in BASELINES and self.method_options:
             raise DeltatuneError(f"--method {self.method} is a baseline without options, got "
                                  f"{sorted(self.method_options)}; drop them or pick an adapter method")
+        if self.optimizer not in OPTIMIZERS:
+            raise DeltatuneError(f"--optimizer must be one of {', '.join(sorted(OPTIMIZERS))}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise DeltatuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
@@ -303,8 +307,10 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         if not ckpt_path.exists():
             raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
         ckpt = load_checkpoint(ckpt_path)
-        changed = {k: (ckpt.args.get(k), v) for k, v in a.to_json().items()
-                   if k not in TrainArgs.RESUMABLE_CHANGES and ckpt.args.get(k) != _jsonable(v)}
+        # a setting a checkpoint does not record predates it: the run had its default
+        defaults = _jsonable(TrainArgs().to_json())
+        changed = {k: (ckpt.args.get(k, defaults[k]), v) for k, v in a.to_json().items()
+                   if k not in TrainArgs.RESUMABLE_CHANGES and ckpt.args.get(k, defaults[k]) != _jsonable(v)}
         if changed:
             diff = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
             raise CheckpointError(f"{ckpt_path}: cannot resume with different settings ({diff})")
@@ -334,20 +340,14 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     _log(f"{a.method} on {model_name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / max(total, 1):.3f} %), lr {lr:g}, device {device}")
 
-    named = dt.trainable_parameters(model)
-    params = [p for _, p in named]
-    groups: list[dict[str, Any]] = [{"params": params}]
+    params = [p for _, p in dt.trainable_parameters(model)]
     head_lr = default_lr("head", model_type(model)) if a.head_lr is None else float(a.head_lr)
     if not (head_lr > 0 and setup.head is not None and a.method != "head"):
         head_lr = None
-    if head_lr is not None:
-        # the new head (a linear probe on the pooled features) converges at a far larger rate
-        # than the deltas inside the encoder (see BASELINE_LR_BY_MODEL)
-        head_name = setup.head
-        head = [p for n, p in named if n == head_name or n.startswith(head_name + ".")]
-        rest = [p for n, p in named if not (n == head_name or n.startswith(head_name + "."))]
-        groups = [g for g in ({"params": rest}, {"params": head, "lr": head_lr}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=a.weight_decay)
+    # the new head (a linear probe on the pooled features) converges at a far larger rate than
+    # the deltas inside the encoder (see BASELINE_LR_BY_MODEL); methods may set their own rates
+    groups = dt.parameter_groups(model, lr, rates={setup.head: head_lr} if head_lr is not None else None)
+    optimizer = build_optimizer(a.optimizer, groups, lr, a.weight_decay)
     batches_per_epoch = train_split.num_batches(a.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / a.grad_accum)
     total_steps = steps_per_epoch * a.epochs
@@ -395,6 +395,7 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
             group_size = min(a.grad_accum, batches_per_epoch - group * a.grad_accum)
             with autocast(device, a.precision):
                 _, loss = model(**batch)
+                loss = loss + dt.auxiliary_loss(model)
             if not torch.isfinite(loss):
                 raise DeltatuneError(f"epoch {epoch + 1}, batch {i}: the loss is {float(loss.detach())}; lower --lr "
                                      f"(now {lr:g})")
@@ -408,6 +409,7 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                dt.step_hook(model, step)
                 # checked after a whole optimizer step, never inside gradient accumulation
                 if i + 1 < batches_per_epoch and budget_spent(time.perf_counter() - t0):
                     stopped_early = True
@@ -464,6 +466,7 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         "grad_accum": a.grad_accum,
         "max_length": a.max_length,
         "precision": a.precision,
+        "optimizer": a.optimizer,
         "head_lr": head_lr,
         "seed": a.seed,
         "steps": step,
