@@ -77,3 +77,31 @@ def test_build_optimizer_names_the_choices():
     assert isinstance(build_optimizer("adamw", [{"params": params}], 0.1, 0.0), torch.optim.AdamW)
     with pytest.raises(DeltatuneError, match="available: adam, adamw, sgd"):
         build_optimizer("lion", [{"params": params}], 0.1, 0.0)
+
+
+def test_trainer_with_deltatune_calls_every_hook(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from deltatune.train.hf import with_deltatune
+
+    class Model(Net):
+        def forward(self, x, labels=None):
+            logits = super().forward(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    model = Model()
+    dt.attach(model, dt.config("lora", r=2, targets=["body"], trainable_modules=["classifier"]))
+    lora, seen = dt.get_method("lora"), []
+    monkeypatch.setattr(lora, "on_step", lambda m, name, step: seen.append(step))
+    monkeypatch.setattr(lora, "auxiliary_loss", lambda m, name: seen.append("aux") or torch.zeros(()))
+    monkeypatch.setattr(lora, "lr_multipliers", lambda cfg: {"lora_B": 4.0})
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(8, generator=g), "labels": torch.tensor(i % 3)} for i in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                                          lr_scheduler_type="constant", logging_strategy="no")
+    trainer = with_deltatune(transformers.Trainer)(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert [s for s in seen if s != "aux"] == [1, 2] and seen.count("aux") == 2
+    B = model.body.deltas["default"].lora_B
+    assert rate_of(trainer.optimizer.param_groups, B) == pytest.approx(4e-3)
