@@ -3,13 +3,21 @@
 Workloads: the packaged MiniLM classifier on a real BBC News batch of 32 x 128 tokens, and the
 packaged SmolLM2-135M as a causal LM on 8 x 128 tokens of the same text. Every configuration of
 a workload is built in one process from one copy of the base weights and timed *interleaved*:
-each round runs one training step of every configuration in turn, and the figure is the median
-over rounds, so that machine noise hits all of them alike. Peak memory is measured in separate
-processes (one per configuration: peak RSS is per process), as are the ratios built from it.
+each round runs one training step of every configuration in turn. The s/step figure is the
+median over rounds; every time ratio (``checks``, the "x floor", "x PEFT" and "x plain model"
+columns) is the median of the per-round paired ratios, so that machine noise, which moves two
+runs here by up to 15 %, hits numerator and denominator of each pair alike. The per-round times
+are kept in the results (``rounds_s``). Peak memory is measured in separate processes (one per
+configuration: peak RSS is per process), as are the ratios built from it.
 
-A step is forward, backward and an AdamW step on the trainable parameters. The *floor* is the
-least any method that adapts inner layers can cost: forward plus the input-gradient backward
-through the whole frozen model, no weight gradient at all.
+A step is forward, backward and an AdamW step on the trainable parameters. There is one *floor*
+per target set (``TARGETS``: "floor qv", "floor all"): every weight frozen, the outputs of the
+modules that target set names made to require a gradient. That is the least any method adapting
+those modules must pay: the forward, and the backward from the loss down to the first adapted
+module's output, with no weight gradient (no input gradient below the first adapted module
+either, which an adapter on it does not need). Each configuration is measured against the floor
+of the target set it adapts (``floor_of``); full fine-tuning, which adapts every module, against
+"floor all", a lower bound for it too.
 """
 
 from __future__ import annotations
@@ -50,7 +58,6 @@ class Workload:
     base: nn.Module                     # never trained: every configuration gets a deep copy
     batch: dict[str, torch.Tensor]
     loss: Callable[[nn.Module, dict], torch.Tensor]
-    input_embeddings: Callable[[nn.Module], nn.Module]
     # the memory runs build one configuration on the base itself: a copy would stay in the peak
     consume_base: bool = False
 
@@ -81,8 +88,7 @@ def load_workload(name: str) -> Workload:
         batch["labels"] = torch.arange(n) % 5
         wide = _fixed_batch(load_tokenizer("minilm"), texts[:64], length)
         return Workload(name, base, {**batch, "wide": wide}, lambda m, b: m(b["input_ids"], b["attention_mask"],
-                                                                             b["labels"])[1],
-                        lambda m: m.encoder.get_input_embeddings())
+                                                                             b["labels"])[1])
     if name == "smollm2":
         base, tok = load_causal_lm("smollm2")
         batch = _fixed_batch(tok, texts[:n], length)
@@ -91,7 +97,7 @@ def load_workload(name: str) -> Workload:
         def lm_loss(m, b):
             labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
             return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
-        return Workload(name, base, {**batch, "wide": wide}, lm_loss, lambda m: m.get_input_embeddings())
+        return Workload(name, base, {**batch, "wide": wide}, lm_loss)
     raise DeltatuneError(f"unknown workload {name!r}: choose from {', '.join(SHAPES)}")
 
 
@@ -125,13 +131,41 @@ def _peft(w: Workload, r: int, targets, dropout: float, dora: bool = False) -> n
     return peft.get_peft_model(m, cfg)
 
 
-def _floor(w: Workload) -> nn.Module:
-    m = w.model()
-    m.requires_grad_(False)
-    # the embedding output asks for a gradient, so backward runs through every layer but no
-    # weight gradient is formed
-    w.input_embeddings(m).register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
-    return m
+def _target_list(targets) -> list:
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def floor_modules(model: nn.Module, targets) -> list[str]:
+    """Names of the modules of ``model`` that ``targets`` adapt, matched as deltatune matches them."""
+    from ..core.engine import match_pattern
+    patterns = _target_list(targets)
+    return [n for n, mod in model.named_modules() if n and any(match_pattern(n, mod, p) for p in patterns)]
+
+
+def _require_grad(mod, inp, out):
+    # a leaf (first adapted module: nothing below asks for a gradient) starts the backward here;
+    # further up the output already requires one
+    if isinstance(out, torch.Tensor) and not out.requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+def floor_model(model: nn.Module, targets) -> nn.Module:
+    """``model`` frozen, with the outputs of the modules ``targets`` adapt made to require a
+    gradient: backward runs from the loss down to the first adapted module's output and no further,
+    and forms no weight gradient."""
+    names = floor_modules(model, targets)
+    if not names:
+        raise DeltatuneError(f"targets {targets!r} matched no module of {type(model).__name__}")
+    model.requires_grad_(False)
+    mods = dict(model.named_modules())
+    for n in names:
+        mods[n].register_forward_hook(_require_grad)
+    return model
+
+
+def _floor(w: Workload, targets) -> nn.Module:
+    return floor_model(w.model(), targets)
 
 
 def _full(w: Workload) -> nn.Module:
@@ -143,7 +177,7 @@ def _full(w: Workload) -> nn.Module:
 def training_configs(workload: str) -> dict[str, Callable[[Workload], nn.Module]]:
     t = TARGETS[workload]
     return {
-        "floor": _floor,
+        **{f"floor {k}": (lambda w, v=v: _floor(w, v)) for k, v in t.items()},
         "full fine-tuning": _full,
         "deltatune lora r8 qv drop0.1": lambda w: _ours(w, "lora", 8, t["qv"], 0.1),
         "peft lora r8 qv drop0.1": lambda w: _peft(w, 8, t["qv"], 0.1),
@@ -154,6 +188,21 @@ def training_configs(workload: str) -> dict[str, Callable[[Workload], nn.Module]
         "deltatune dora r16 all": lambda w: _ours(w, "dora", 16, t["all"], 0.0),
         "peft dora r16 all": lambda w: _peft(w, 16, t["all"], 0.0, dora=True),
     }
+
+
+def floor_of(config: str) -> str:
+    """The floor a configuration is measured against: that of the target set it adapts (the
+    ``TARGETS`` key among the words of its name); full fine-tuning against "floor all"; a floor
+    against itself."""
+    if config.startswith("floor "):
+        return config
+    if config == "full fine-tuning":
+        return "floor all"
+    known = list(dict.fromkeys(k for t in TARGETS.values() for k in t))
+    sets = [k for k in known if k in config.split()]
+    if len(sets) != 1:
+        raise DeltatuneError(f"configuration {config!r} names no single target set of {', '.join(known)}")
+    return f"floor {sets[0]}"
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -186,6 +235,20 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: in
     return times
 
 
+def _summary(v: list[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v), "rounds_s": list(v)}
+
+
+def paired_ratio(num: dict, den: dict) -> float:
+    """Median over rounds of ``num``'s time over ``den``'s time in the same round (both timed
+    interleaved, so a round's noise hits both). Results without per-round times (older files) fall
+    back to the ratio of the medians."""
+    a, b = num.get("rounds_s"), den.get("rounds_s")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return num["median_s"] / den["median_s"]
+
+
 def bench_training(w: Workload, rounds: int, progress) -> dict[str, dict[str, float]]:
     models, fns = {}, {}
     for name, build in training_configs(w.name).items():
@@ -197,8 +260,8 @@ def bench_training(w: Workload, rounds: int, progress) -> dict[str, dict[str, fl
         models[name] = m
         fns[name] = (lambda m=m, opt=opt: _step(w, m, opt))
     times = time_interleaved(fns, rounds, progress=progress)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v),
-                "trainable_params": sum(p.numel() for p in _trainable(models[k]))} for k, v in times.items()}
+    return {k: {**_summary(v), "trainable_params": sum(p.numel() for p in _trainable(models[k]))}
+            for k, v in times.items()}
 
 
 def _lora_adapters(model: nn.Module, names: list[str], targets) -> None:
@@ -278,7 +341,7 @@ def bench_inference(w: Workload, rounds: int, progress) -> dict[str, dict[str, f
     }
     with torch.inference_mode():
         times = time_interleaved(fns, rounds, progress=progress)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v)} for k, v in times.items()}
+    return {k: _summary(v) for k, v in times.items()}
 
 
 def memory_worker(workload: str, config: str, steps: int) -> dict[str, float]:
@@ -310,24 +373,26 @@ def bench_memory(workload: str, steps: int, progress) -> dict[str, dict[str, flo
 # ----------------------------------------------------------------------------- report
 
 # (what, measured ratio of (numerator, denominator) figures, bound)
+# time ratios are medians of per-round paired ratios; memory ratios are of single figures
 def checks(workload: str, train: dict, mem: dict | None, inf: dict | None) -> list[dict[str, Any]]:
-    def t(k):
-        return train[k]["median_s"]
     rows = []
 
     def add(what, num, den, bound, kind="time"):
         src = train if kind == "time" else (mem or {}) if kind == "memory" else (inf or {})
-        key = "median_s" if kind != "memory" else "peak_rss_mb"
         if num not in src or den not in src:
             return
-        ratio = src[num][key] / src[den][key]
+        if kind == "memory":
+            ratio = src[num]["peak_rss_mb"] / src[den]["peak_rss_mb"]
+        else:
+            ratio = paired_ratio(src[num], src[den])
         rows.append({"workload": workload, "check": what, "ratio": round(ratio, 3), "bound": bound,
                      "pass": ratio <= bound})
 
     if workload == "minilm":
         add("lora r8 qv drop0.1 vs PEFT", "deltatune lora r8 qv drop0.1", "peft lora r8 qv drop0.1", 0.95)
-        add("lora r8 qv drop0.1 vs floor", "deltatune lora r8 qv drop0.1", "floor", 1.06)
-        add("lora r8 qv drop0 vs floor", "deltatune lora r8 qv drop0", "floor", 1.04)
+        add("lora r8 qv drop0.1 vs floor", "deltatune lora r8 qv drop0.1", floor_of("deltatune lora r8 qv drop0.1"),
+            1.06)
+        add("lora r8 qv drop0 vs floor", "deltatune lora r8 qv drop0", floor_of("deltatune lora r8 qv drop0"), 1.04)
         add("inference unmerged vs plain", "deltatune lora unmerged inference", "plain model inference", 1.03,
             "inference")
         add("mixed 32 adapters vs PEFT", "deltatune mixed 64 over 32 adapters", "peft mixed 64 over 32 adapters",
@@ -335,7 +400,7 @@ def checks(workload: str, train: dict, mem: dict | None, inf: dict | None) -> li
         add("mixed 8 adapters vs one adapter", "deltatune mixed 64 over 8 adapters", "deltatune 64 with one adapter",
             1.05, "inference")
     add("lora r16 all vs PEFT", "deltatune lora r16 all", "peft lora r16 all", 0.85)
-    add("lora r16 all vs floor", "deltatune lora r16 all", "floor", 1.12)
+    add("lora r16 all vs floor", "deltatune lora r16 all", floor_of("deltatune lora r16 all"), 1.12)
     add("lora r16 all memory vs PEFT", "deltatune lora r16 all", "peft lora r16 all", 0.85, "memory")
     add("dora r16 all vs our lora r16 all", "deltatune dora r16 all", "deltatune lora r16 all", 1.10)
     add("dora r16 all vs PEFT dora", "deltatune dora r16 all", "peft dora r16 all", 0.85)
@@ -343,21 +408,28 @@ def checks(workload: str, train: dict, mem: dict | None, inf: dict | None) -> li
 
 
 def table(workload: str, train: dict, mem: dict | None, inf: dict | None) -> str:
-    floor = train["floor"]["median_s"]
+    """s/step is the median over rounds; "x floor" (against the floor named in the row) and
+    "x PEFT" are medians of per-round paired ratios."""
     lines = [f"### {workload} (batch {SHAPES[workload][0]} x {SHAPES[workload][1]})", "",
-             "| configuration | s/step | x floor | x PEFT | peak RSS MB | memory x PEFT |", "|---|---|---|---|---|---|"]
+             "| configuration | s/step | floor | x floor | x PEFT | peak RSS MB | memory x PEFT |",
+             "|---|---|---|---|---|---|---|"]
     for k, v in train.items():
+        try:
+            floor = floor_of(k)
+        except DeltatuneError:
+            floor = None
+        x_floor = f"{paired_ratio(v, train[floor]):.2f}" if floor in train else ""
         twin = k.replace("deltatune ", "peft ", 1) if k.startswith("deltatune ") else None
-        x_peft = f"{v['median_s'] / train[twin]['median_s']:.2f}" if twin in train else ""
+        x_peft = f"{paired_ratio(v, train[twin]):.2f}" if twin in train else ""
         mb = mem.get(k, {}).get("peak_rss_mb") if mem else None
         mem_x = (f"{mb / mem[twin]['peak_rss_mb']:.2f}" if mb and twin and mem and twin in mem else "")
-        lines.append(f"| {k} | {v['median_s']:.3f} | {v['median_s'] / floor:.2f} | {x_peft} | "
+        lines.append(f"| {k} | {v['median_s']:.3f} | {floor if floor in train else ''} | {x_floor} | {x_peft} | "
                      f"{'' if mb is None else f'{mb:.0f}'} | {mem_x} |")
     if inf:
-        plain = inf["plain model inference"]["median_s"]
+        plain = inf.get("plain model inference")
         lines += ["", "| inference | s/batch | x plain model |", "|---|---|---|"]
         for k, v in inf.items():
-            lines.append(f"| {k} | {v['median_s']:.3f} | {v['median_s'] / plain:.2f} |")
+            lines.append(f"| {k} | {v['median_s']:.3f} | {'' if plain is None else f'{paired_ratio(v, plain):.2f}'} |")
     return "\n".join(lines)
 
 
@@ -402,7 +474,8 @@ def run(workloads: list[str], rounds: int, memory: bool, inference: bool, out: P
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per configuration (median reported)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="timed rounds per configuration (medians reported; ratios are medians of per-round ratios)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     p.add_argument("--no-inference", dest="inference", action="store_false", help="skip the inference timings")
     p.add_argument("--out", default="bench/results", help="folder for speed.json and speed.md")
