@@ -82,7 +82,7 @@ def test_stacked_forward_follows_the_definition_and_merges_exactly(order):
 def test_merging_an_output_delta_under_an_unmerged_input_transform_is_refused():
     model = stacked(("lora", "ia3_in"))
     weight = model.down.base.weight.detach().clone()
-    with pytest.raises(DeltatuneError, match="rescales the layer's input"):
+    with pytest.raises(DeltatuneError, match="acts on the layer before them"):
         dt.merge(model, "lora")
     assert torch.equal(model.down.base.weight, weight) and model.down.merged == []
     x = torch.randn(3, 16)
@@ -91,4 +91,16 @@ def test_merging_an_output_delta_under_an_unmerged_input_transform_is_refused():
         dt.merge(model, "ia3_in")          # the input transform alone folds exactly
         assert (model(x) - before).abs().max() < 1e-5
         dt.merge(model, "lora")            # and then the rest
+        assert (model(x) - before).abs().max() < 1e-5
+
+
+def test_an_output_delta_folds_alone_only_when_nothing_unmerged_runs_before_it():
+    x = torch.randn(3, 16)
+    model = stacked(("lora", "ia3_out"))        # l * (W x + b + s B A x): the scale also scales LoRA
+    with pytest.raises(DeltatuneError, match="acts on the layer before them"):
+        dt.merge(model, "ia3_out")
+    model = stacked(("ia3_out", "lora"))        # l * (W x + b) + s B A x
+    with torch.no_grad():
+        before = model(x)
+        dt.merge(model, "ia3_out")
         assert (model(x) - before).abs().max() < 1e-5

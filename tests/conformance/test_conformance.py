@@ -84,7 +84,7 @@ def _config(name, variant, key):
     _, _, patterns, extra = MODELS[key]
     fields = {f for f in method.config_cls.__dataclass_fields__}
     kw = {k: v for k, v in extra.items() if k in fields}
-    if patterns is not None and method.hook != "input":
+    if patterns is not None and method.hook != "input" and not callable(method.default_targets):
         kw["targets"] = [p for kind in method.kinds for p in patterns.get(kind, [])] or None
     if patterns is not None and method.hook == "input" and key == "cnn":
         kw["targets"] = None
@@ -96,6 +96,12 @@ def _applies(method, key):
     _, _, patterns, _ = MODELS[key]
     if method.hook == "input":
         return key != "cnn"
+    if callable(method.default_targets):    # targets found in the model (bitfit: every layer with a bias)
+        try:
+            method.default_targets(MODELS[key][0]())
+        except dt.DeltatuneError:
+            return False
+        return True
     return patterns is None or any(patterns.get(k) for k in method.kinds)
 
 
@@ -185,8 +191,8 @@ def test_conformance(name, variant, key):
     if not _applies(method, key):
         _, _, patterns, _ = MODELS[key]
         model = MODELS[key][0]()
-        targets = [p for ps in patterns.values() for p in ps]
-        with pytest.raises(dt.DeltatuneError, match="cannot wrap|has none|input embedding"):
+        targets = None if callable(method.default_targets) else [p for ps in patterns.values() for p in ps]
+        with pytest.raises(dt.DeltatuneError, match="cannot wrap|has none|has no|input embedding"):
             dt.attach(model, dt.config(name, targets=targets))
         assert not wrappers(model), "a failed attach must leave the model unchanged"
         return
@@ -223,6 +229,13 @@ def test_fast_paths_equal_the_plain_definition(name, variant, autocast, monkeypa
     layer-0 deltas get their gradients through every later layer's input gradient."""
     from deltatune.core import wrapper
     method, kw = _config(name, variant, "llama")
+    if not _applies(method, "llama"):
+        pytest.skip(f"{name} does not apply to the Llama layout")
+    probe = tiny_llama()
+    dt.attach(probe, dt.config(name, **kw))
+    if not any(hasattr(type(w.deltas["default"]), attr) for _, w in wrappers(probe)
+               for attr in ("fused_forward", "grouped_forward")):
+        pytest.skip(f"{name} has no fast path: nothing to compare with its plain definition")
     results = []
     for fast in (True, False):
         monkeypatch.setattr(wrapper, "FAST_PATHS", fast)

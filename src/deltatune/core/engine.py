@@ -19,7 +19,7 @@ from .config import BaseConfig
 from .errors import DeltatuneError
 from .layers import layer_kind
 from .registry import Method, get_method
-from .wrapper import SHARED_INPUT_SETS, SharedInput, DeltaLayer, ModuleCopies
+from .wrapper import SHARED_INPUT_SETS, DeltaLayer, ModuleCopies, SharedInput, stage
 
 _ADAPTERS = "_deltatune_adapters"      # plain attribute on the root model: name -> config
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -446,21 +446,29 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> nn.Module:
         if not method.mergeable:
             raise DeltatuneError(f"adapter {n!r} ({method.name}) cannot be merged into weights: "
                                  f"it changes the input sequence, not a layer's weights")
-    # The forward feeds input transforms (IA3 on a feed-forward input) to the frozen layer only,
-    # before every output delta, which sees the original input: W' = out_k(...out_1(W diag(l))).
-    # So merge folds input transforms first, and refuses to fold an output delta under an input
-    # transform that stays unmerged (that one would then rescale the folded delta's input too).
+    # Forward and merge compose in one order (wrapper.stage): parameter diffs, then input
+    # transforms (IA3 on a feed-forward input, fed to the frozen layer only), then output deltas
+    # in activation order, each reading the original input: W' = out_k(...out_1((W + dW) diag(l))).
+    # A delta is folded only if no unmerged running delta acts at an earlier stage: that one
+    # would otherwise apply on top of the folded delta in the forward (e.g. rescale its input).
+    # Within stages 0 and 1 deltas commute (diffs add, input scalings multiply); output deltas
+    # do not (a scaling after a low-rank update also scales the update), so their key is their
+    # position in the activation order.
+    def position(w: DeltaLayer, n: str) -> tuple[int, int]:
+        s = stage(w.deltas[n])
+        return s, (w.active.index(n) if n in w.active else len(w.active)) if s == 2 else 0
+
     plans = []
     for mod_name, w in wrappers(model):
         todo = [n for n in names if n in w.deltas and n not in w.merged]
-        todo.sort(key=lambda n: not w.deltas[n].transforms_input)
-        left = [n for n in w.active if n in w.deltas and n not in w.merged and n not in todo
-                and w.deltas[n].transforms_input]
-        if left and any(not w.deltas[n].transforms_input for n in todo):
-            raise DeltatuneError(f"{mod_name}: merging {', '.join(todo)} while {', '.join(left)} (which rescales the "
-                                 f"layer's input) stays unmerged would change the outputs; merge them together "
-                                 f"(dt.merge(model, [{', '.join(repr(n) for n in left + todo)}])) or deactivate "
-                                 f"{', '.join(left)} first")
+        todo.sort(key=lambda n: position(w, n))
+        left = [n for n in w.active if n in w.deltas and n not in w.merged and n not in todo]
+        blocking = [n for n in left if todo and position(w, n) < max(position(w, t) for t in todo)]
+        if blocking:
+            raise DeltatuneError(f"{mod_name}: merging {', '.join(todo)} while {', '.join(blocking)} (which acts on the "
+                                 f"layer before them) stays unmerged would change the outputs; merge them together "
+                                 f"(dt.merge(model, [{', '.join(repr(n) for n in blocking + todo)}])) or deactivate "
+                                 f"{', '.join(blocking)} first")
         if todo:
             plans.append((w, todo))
     for w, todo in plans:

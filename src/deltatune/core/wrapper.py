@@ -30,13 +30,74 @@ class Delta(nn.Module):
     """
 
     transforms_input = False
+    # a parameter-subset delta trains diffs of the frozen layer's own parameters (``parameter_diffs``):
+    # the layer then runs with ``p + diff`` in place of each ``p``, before any other delta applies
+    overrides_parameters = False
     mergeable = True
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def parameter_diffs(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def merge(self, w2: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+
+def stage(delta: Delta) -> int:
+    """Where a delta acts in a layer, which fixes the order of forward and merge alike:
+    0 parameter diffs (the layer's own weights change), 1 input transforms (the frozen layer's
+    input is rescaled), 2 output deltas (in activation order, each reading the original input)."""
+    return 0 if delta.overrides_parameters else 1 if delta.transforms_input else 2
+
+
+class SubsetDelta(Delta):
+    """Trained diffs of chosen parameters of a frozen layer (the *parameter subset* hook): the
+    layer computes with ``weight + diffs["weight"]`` and ``bias + diffs["bias"]``; merge adds the
+    diffs to the weights, and the base parameters themselves are never touched until then. Only
+    ``weight`` and ``bias`` can be chosen (what merge folds); methods such as BitFit and LN tuning
+    choose which."""
+
+    overrides_parameters = True
+
+    def __init__(self, base: nn.Module, kind: str, names: tuple[str, ...]):
+        super().__init__()
+        self.kind = kind
+        self.diffs = nn.ParameterDict()
+        for n in names:
+            if n not in ("weight", "bias"):
+                raise ValueError(f"SubsetDelta trains weight and bias diffs only, not {n!r}")
+            p = getattr(base, n, None)
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"{type(base).__name__} has no {n} to train")
+            self.diffs[n] = nn.Parameter(torch.zeros_like(p, requires_grad=True))
+
+    def parameter_diffs(self) -> dict[str, torch.Tensor]:
+        return dict(self.diffs.items())
+
+    def forward(self, x, y, base):
+        return y
+
+    def merge(self, w2, b):
+        from .layers import to_2d
+        if "weight" in self.diffs:
+            w2 = w2 + to_2d(self.diffs["weight"].double(), self.kind)
+        if "bias" in self.diffs:
+            b = self.diffs["bias"].double() if b is None else b + self.diffs["bias"].double()
+        return w2, b
+
+
+def call_base(base: nn.Module, deltas, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The frozen layer on ``x`` with the parameter diffs of ``deltas`` applied (if any)."""
+    diffs: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        for n, diff in d.parameter_diffs().items():
+            diffs[n] = diffs[n] + diff if n in diffs else diff
+    if not diffs:
+        return base(x, *args, **kwargs)
+    params = {n: getattr(base, n) + diff for n, diff in diffs.items()}
+    return torch.func.functional_call(base, params, (x, *args), kwargs)
 
 
 class BiasDelta(Delta):
@@ -160,7 +221,7 @@ class DeltaLayer(nn.Module):
         for d in deltas:
             if d.transforms_input:
                 x_in = d.transform_input(x_in)
-        y = self.base(x_in, *args, **kwargs)
+        y = call_base(self.base, [d for d in deltas if d.overrides_parameters], x_in, *args, **kwargs)
         for d in deltas:
             y = d(x, y, self.base)
         return y
@@ -188,7 +249,10 @@ class DeltaLayer(nn.Module):
         for i, d in enumerate(deltas):
             rows = (index == i).nonzero().squeeze(1)
             xs = x.index_select(0, rows)
-            ys = self.base(d.transform_input(xs), *args, **kwargs) if d.transforms_input else y.index_select(0, rows)
+            if d.transforms_input or d.overrides_parameters:
+                ys = call_base(self.base, [d], d.transform_input(xs), *args, **kwargs)
+            else:
+                ys = y.index_select(0, rows)
             out = out.index_copy(0, rows, d(xs, ys, self.base))
         return out
 

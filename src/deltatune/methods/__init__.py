@@ -3,3 +3,4 @@
 from .lowrank import dora, lora  # noqa: F401
 from .prompts import prompt_tuning  # noqa: F401
 from .scaling import ia3  # noqa: F401
+from .selective import bitfit, ln_tuning  # noqa: F401
