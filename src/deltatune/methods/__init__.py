@@ -1,6 +1,6 @@
 """Every method registers itself on import; importing this package registers them all."""
 
-from .lowrank import dora, lora  # noqa: F401
+from .lowrank import dora, lora, vera  # noqa: F401
 from .prompts import prompt_tuning  # noqa: F401
 from .scaling import ia3  # noqa: F401
 from .selective import bitfit, ln_tuning  # noqa: F401
