@@ -157,7 +157,7 @@ def run_case(name: str, variant_items: tuple, key: str) -> dict:
         unmerged = _out(model, key, batch)
     r["trained_diff"] = (unmerged - ref).abs().max().item()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".base." in f".{n}"}
-    if method.mergeable:
+    if method.foldable:
         dt.merge(model)
         with torch.no_grad():
             r["merge_diff"] = (_out(model, key, batch) - unmerged).abs().max().item()
@@ -209,7 +209,7 @@ def test_conformance(name, variant, key):
     assert not r["no_grad"], f"no gradient reached {r['no_grad']}"
     assert r["losses"][-1] < r["losses"][0], r["losses"]
     assert r["trained_diff"] > 1e-4, "training did not change the output"
-    if method.mergeable:
+    if method.foldable:
         assert r["weights_changed"]
         assert r["merge_diff"] <= 1e-5 * max(1.0, r["merge_scale"]), (r["merge_diff"], r["merge_scale"])
         assert r["unmerge_exact"]

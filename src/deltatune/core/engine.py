@@ -387,9 +387,10 @@ def per_sample_adapters(model: nn.Module, names: list[str | None]):
         raise DeltatuneError(f"adapters {merged} are merged into the base weights; call dt.unmerge(model) "
                              f"before mixing adapters per sample")
     for n in {n for n in names if n is not None}:
-        if not get_method(adapters(model)[n].method).mergeable:
-            raise DeltatuneError(f"adapter {n!r} ({adapters(model)[n].method}) changes the input sequence and "
-                                 f"cannot be mixed per sample")
+        if not get_method(adapters(model)[n].method).per_sample_safe:
+            raise DeltatuneError(f"adapter {n!r} ({adapters(model)[n].method}) "
+                                 + ("changes the input sequence" if get_method(adapters(model)[n].method).changes_sequence
+                                    else "cannot run on part of a batch") + " and cannot be mixed per sample")
     layers = wrappers(model) + copies(model)
     for _, w in layers:
         w.per_sample = names
@@ -443,9 +444,11 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> nn.Module:
     _require(model, names)
     for n in names:
         method = get_method(adapters(model)[n].method)
-        if not method.mergeable:
-            raise DeltatuneError(f"adapter {n!r} ({method.name}) cannot be merged into weights: "
-                                 f"it changes the input sequence, not a layer's weights")
+        if not method.foldable:
+            why = ("it changes the input sequence, not a layer's weights" if method.changes_sequence
+                   else "its delta is not a function of the weights alone (e.g. a nonlinear bottleneck)")
+            raise DeltatuneError(f"adapter {n!r} ({method.name}) cannot be merged into weights: {why}; keep it "
+                                 f"unmerged (dt.unload(model, merge=False) removes it)")
     # Forward and merge compose in one order (wrapper.stage): parameter diffs, then input
     # transforms (IA3 on a feed-forward input, fed to the frozen layer only), then output deltas
     # in activation order, each reading the original input: W' = out_k(...out_1((W + dW) diag(l))).

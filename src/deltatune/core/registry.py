@@ -24,7 +24,8 @@ class Method:
     default_targets maps a transformers ``model_type`` to target patterns; default_lr is the
     learning rate found by our sweeps, lr_by_model the rate for a ``model_type`` where the sweep
     found that architecture wants another (convnets train at larger rates than transformers);
-    variants are extra configs the conformance suite runs.
+    variants are extra configs the conformance suite runs; foldable, per_sample_safe and
+    changes_sequence say what the method allows (see below).
 
     Training hooks (all optional; ``core.hooks`` calls them for every attached adapter, the same
     way from ``deltatune train``, a user's own loop or transformers' ``Trainer``):
@@ -46,7 +47,11 @@ class Method:
     default_lr: float
     variants: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     lr_by_model: dict[str, float] = dataclasses.field(default_factory=dict)
-    mergeable: bool = True
+    # what the single "mergeable" flag used to mean, apart: folds into the weights (merge, unload);
+    # can run per sample in a mixed batch; changes the input sequence (prompts, prefixes)
+    foldable: bool = True
+    per_sample_safe: bool = True
+    changes_sequence: bool = False
     identity_at_init: bool = True
     on_attach: Callable[[nn.Module, str], None] | None = None
     on_remove: Callable[[nn.Module, str], None] | None = None

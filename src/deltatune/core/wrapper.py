@@ -33,7 +33,6 @@ class Delta(nn.Module):
     # a parameter-subset delta trains diffs of the frozen layer's own parameters (``parameter_diffs``):
     # the layer then runs with ``p + diff`` in place of each ``p``, before any other delta applies
     overrides_parameters = False
-    mergeable = True
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x

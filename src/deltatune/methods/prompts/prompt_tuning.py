@@ -51,8 +51,6 @@ class PromptTuningConfig(BaseConfig):
 
 
 class PromptDelta(Delta):
-    mergeable = False
-
     def __init__(self, embedding: nn.Embedding, cfg: PromptTuningConfig, loading: bool = False):
         super().__init__()
         k, (vocab, dim) = cfg.num_virtual_tokens, embedding.weight.shape
@@ -182,7 +180,9 @@ PROMPT_TUNING = register(Method(
     expected_parameters=expected_parameters,
     default_targets=default_targets,
     default_lr=1e-1,     # sweep on BBC: 95.7 % at 3e-2, 96.4 % at 1e-1, 96.2 % at 3e-1
-    mergeable=False,
+    foldable=False,
+    per_sample_safe=False,
+    changes_sequence=True,
     variants=[{"init": "random"}, {"init": "text", "init_token_ids": [7, 42, 101]}],
     identity_at_init=False,
     on_attach=on_attach,
