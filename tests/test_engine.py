@@ -398,7 +398,7 @@ def test_shared_input_group_is_dropped_when_siblings_go():
 
 def test_shared_input_group_under_inference_mode():
     m = _Siblings(False)
-    dt.attach(m, dt.config("lora", targets=["query", "key", "value"]))
+    dt.attach(m, dt.config("lora", r=4, targets=["query", "key", "value"]))
     x = torch.randn(2, 3, 8)
     with torch.no_grad():
         expected = m(x)
