@@ -105,3 +105,15 @@ def test_trainer_with_deltatune_calls_every_hook(tmp_path, monkeypatch):
     assert [s for s in seen if s != "aux"] == [1, 2] and seen.count("aux") == 2
     B = model.body.deltas["default"].lora_B
     assert rate_of(trainer.optimizer.param_groups, B) == pytest.approx(4e-3)
+
+
+def test_loraplus_trains_B_at_the_ratio_in_deltatune_train_groups():
+    """LoRA+ through the real registration: B's group rate is ratio x lr, A's is lr."""
+    for method in ("lora", "dora"):
+        model = Net()
+        dt.attach(model, dt.config(method, r=2, targets=["body"], loraplus_lr_ratio=16.0))
+        d = model.body.deltas["default"]
+        groups = dt.parameter_groups(model, lr=2e-4)
+        assert rate_of(groups, d.lora_B) == pytest.approx(3.2e-3) and rate_of(groups, d.lora_A) == 2e-4
+    with pytest.raises(DeltatuneError, match="loraplus_lr_ratio"):
+        dt.config("lora", loraplus_lr_ratio=0.0)

@@ -25,6 +25,7 @@ from ...core.layers import channel_view, out_in, to_2d
 from ...core.registry import Method, register
 from .lora import DEFAULT_TARGETS, LoraConfig, LoraDelta
 from .lora import expected_parameters as lora_expected_parameters
+from .lora import lr_multipliers as lora_lr_multipliers
 
 
 @method_config
@@ -88,4 +89,5 @@ DORA = register(Method(
     default_targets=DEFAULT_TARGETS,
     default_lr=3e-3,     # LoRA's rate (same factors); fashion 85.6 % at 3e-3
     variants=[{"init": "pissa"}, {"dropout": 0.1}],
+    lr_multipliers=lora_lr_multipliers,
 ))

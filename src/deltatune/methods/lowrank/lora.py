@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.config import BaseConfig, check, check_choice, check_number, method_config
+from ...core.config import BaseConfig, _normalise_pattern, check, check_choice, check_number, method_config
 from ...core.engine import pattern_value
 from ...core.errors import DeltatuneError
 from ...core.layers import channel_view, check_groups, merge_bias_shift, out_in, to_2d
@@ -62,10 +62,15 @@ class LoraConfig(BaseConfig):
     rslora: bool = False
     bias: str = "none"
     init: str = "default"
-    rank_pattern: dict = None
-    alpha_pattern: dict = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    # LoRA+ ("LoRA+: Efficient Low Rank Adaptation of Large Models"): B trains at this many times
+    # A's rate (the paper suggests 16); None trains both at the run's rate
+    loraplus_lr_ratio: float | None = None
 
     def validate(self) -> None:
+        if self.loraplus_lr_ratio is not None:
+            check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, low=0, low_open=True)
         check_number("r", self.r, kind=int, low=1)
         check_number("alpha", self.alpha, low=0, low_open=True)
         check_number("dropout", self.dropout, low=0, high=1, high_open=True)
@@ -75,8 +80,11 @@ class LoraConfig(BaseConfig):
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         for pat, r in self.rank_pattern.items():
+            # the keys are matched like targets, so a bad regex must fail here, not at attach
+            _normalise_pattern(pat, "rank_pattern")
             check_number(f"rank_pattern[{pat!r}]", r, kind=int, low=1)
         for pat, a in self.alpha_pattern.items():
+            _normalise_pattern(pat, "alpha_pattern")
             check_number(f"alpha_pattern[{pat!r}]", a, low=0, low_open=True)
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
@@ -215,6 +223,18 @@ class FusedLoraGroup(torch.autograd.Function):
         return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs)
 
 
+def check_rank(base: nn.Module, kind: str, r: int, layer: str | None = None) -> None:
+    """Refuse, before anything is allocated, a rank the layer cannot use: ``B A`` has rank at most
+    ``min(out, fan_in)``, so a larger ``r`` only adds parameters (and a huge one, e.g. a typo'd
+    ``r=1000000000``, would try to allocate terabytes). PEFT does not check this."""
+    out, fan_in = out_in(base, kind)
+    if r > min(out, fan_in):
+        what = f"layer {layer} ({type(base).__name__}" if layer else f"this layer ({type(base).__name__}"
+        raise DeltatuneError(
+            f"r={r} does not fit {what}, weight shape {tuple(base.weight.shape)}): r must be at most "
+            f"min(out, fan_in) = {min(out, fan_in)}; lower r, or set rank_pattern for this layer")
+
+
 class LoraDelta(Delta):
     def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
                  init: str, bias: bool, loading: bool = False):
@@ -222,9 +242,8 @@ class LoraDelta(Delta):
         check_groups(base, kind, "lora")
         if kind == "conv" and base.padding_mode != "zeros":
             raise DeltatuneError(f"lora supports zero-padded convolutions only, not padding_mode={base.padding_mode!r}")
+        check_rank(base, kind, r)
         out, fan_in = out_in(base, kind)
-        if init in SVD_INITS and r > min(out, fan_in):
-            raise DeltatuneError(f"{init} init needs r <= min(out, fan_in) = {min(out, fan_in)}, got r={r}")
         self.kind, self.r, self.scale = kind, r, scale
         self.dropout = dropout
         dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
@@ -378,6 +397,7 @@ class LoraDelta(Delta):
     @classmethod
     def from_config(cls, base: nn.Module, kind: str, cfg: LoraConfig, name: str, loading: bool = False):
         r, alpha = cfg.rank_alpha(name)
+        check_rank(base, kind, r, name)       # here too, to name the layer in the message
         return cls(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading)
 
 
@@ -389,6 +409,11 @@ def expected_parameters(base: nn.Module, kind: str, cfg: LoraConfig, name: str) 
     r, _ = cfg.rank_alpha(name)
     out, fan_in = out_in(base, kind)
     return r * (fan_in + out) + (out if cfg.bias != "none" else 0)
+
+
+def lr_multipliers(cfg: LoraConfig) -> dict[str, float]:
+    """LoRA+: B's rate is ``loraplus_lr_ratio`` times A's (``dt.parameter_groups``)."""
+    return {} if cfg.loraplus_lr_ratio is None else {"lora_B": float(cfg.loraplus_lr_ratio)}
 
 
 LORA = register(Method(
@@ -403,4 +428,5 @@ LORA = register(Method(
     default_lr=3e-3,     # sweep (docs/results/README.md): tweets 78.8 % vs 78.3 % at 1e-3, fashion 84.7 vs 82.8
     variants=[{"init": "gaussian"}, {"init": "pissa"}, {"init": "milora"}, {"rslora": True, "dropout": 0.1},
               {"bias": "lora_only"}, {"bias": "all"}],
+    lr_multipliers=lr_multipliers,
 ))
