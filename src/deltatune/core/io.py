@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,34 +122,137 @@ def save_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     return directory
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """How JSON calls the type of ``value`` (for messages about a file's contents)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``: every way a file can fail to be one (not a regular file,
+    unreadable, not UTF-8, not JSON, nested too deep, not an object) is an ``AdapterFileError``
+    naming the file, never a raw ``OSError``/``UnicodeDecodeError``/``RecursionError``."""
+    if not path.is_file():
+        # a directory, a FIFO (reading it would block) or a dangling link
+        raise AdapterFileError(f"{path}: is not a regular file; it must be the adapter's JSON config")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); the file is corrupted or "
+                               f"not an adapter config") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise AdapterFileError(f"{path}: not valid JSON (nested too deeply); the file is corrupted") from None
+    except ValueError as e:    # JSONDecodeError, and integers longer than Python's digit limit
+        raise AdapterFileError(f"{path}: not valid JSON ({e}); the file is corrupted") from None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{path}: holds {json_type(value)}, not a JSON object; the file is corrupted or "
+                               f"not an adapter config")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e}); the file is corrupted") from None
-    if not isinstance(meta, dict) or meta.get("library") != "deltatune":
+    meta = read_json_object(path)
+    if meta.get("library") != "deltatune":
         raise AdapterFileError(f"{path}: not a deltatune adapter config (for a Hugging Face PEFT adapter "
                                f"use dt.import_peft)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
+    version = meta.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise AdapterFileError(f"{path}: format_version {version!r} is not supported "
                                f"(this deltatune reads version {FORMAT_VERSION})")
     for key in ("method", "config", "tensors", "targets"):
         if key not in meta:
             raise AdapterFileError(f"{path}: missing the {key!r} entry; the file is incomplete")
+
+    def bad(field: str, want: str, value: Any) -> AdapterFileError:
+        return AdapterFileError(f"{path}: {field} must be {want}, got {json_type(value)} ({value!r:.60}); "
+                                f"the file is corrupted")
+
+    if not isinstance(meta["method"], str):
+        raise bad("method", "a method name (a string)", meta["method"])
+    for key in ("config", "tensors", "targets"):
+        if not isinstance(meta[key], dict):
+            raise bad(key, "an object", meta[key])
+    for mod, t in meta["targets"].items():
+        if not isinstance(t, dict):
+            raise bad(f"targets[{mod!r}]", "an object", t)
+        shape = t.get("weight_shape")
+        if shape is not None and not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise bad(f"targets[{mod!r}].weight_shape", "a list of non-negative ints", shape)
+        if t.get("delta", "method") not in ("method", "bias"):
+            raise bad(f"targets[{mod!r}].delta", "'method' or 'bias'", t.get("delta"))
+    if meta.get("name") is not None and not isinstance(meta["name"], str):
+        raise bad("name", "a string", meta["name"])
     return meta
 
 
+# Everything that reading a damaged safetensors file can raise: the library's own error, I/O
+# errors, and what torch raises for a dtype it cannot represent (safetensors' F4 needs torch's
+# packed float4, for instance).
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError,
+                OverflowError)
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: is not a regular file; it must be the adapter's safetensors weights")
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
         return tensors
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except _READ_ERRORS as e:
         raise AdapterFileError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or "
                                f"corrupted: save the adapter again") from None
+
+
+def check_float_tensor(key: str, t: torch.Tensor, where: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` as ``dtype`` (default: its own), refused unless it is floating point and finite
+    after the conversion. An integer or bool tensor where a trained delta belongs is a damaged
+    or foreign file (casting it would load garbage), and NaN or Inf would turn every output
+    NaN long after the load."""
+    if not t.dtype.is_floating_point:
+        raise AdapterFileError(f"{where}: tensor {key} has dtype {str(t.dtype).replace('torch.', '')}; adapter "
+                               f"tensors must be floating point (float32, float16, bfloat16 or float64)")
+    want = dtype or t.dtype
+    try:
+        out = t.to(want)
+        finite = bool(torch.isfinite(out if out.dtype.itemsize > 1 else out.float()).all())
+    except (RuntimeError, TypeError) as e:    # torch's packed float4 has no conversion or isfinite
+        raise AdapterFileError(f"{where}: tensor {key} has dtype {str(t.dtype).replace('torch.', '')}, which "
+                               f"cannot be read as {str(want).replace('torch.', '')} ({e})") from None
+    if not finite:
+        after = f" after conversion to {str(want).replace('torch.', '')}" if want != t.dtype else ""
+        raise AdapterFileError(f"{where}: tensor {key} holds NaN or Inf values{after}; the adapter is corrupted "
+                               f"or its training diverged, and it cannot be loaded")
+    return out
+
+
+def warn_casts(where: Path, casts: list[tuple[str, torch.dtype, torch.dtype]]) -> None:
+    """One notice per load (not per tensor) for tensors stored in another float dtype than the
+    model's: the cast is exact for widening (float16 -> float32) but rounds for narrowing."""
+    if not casts:
+        return
+    groups: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
+    for key, src, dst in casts:
+        groups.setdefault((src, dst), []).append(key)
+    parts = [f"{len(keys)} tensor(s) from {str(src).replace('torch.', '')} to {str(dst).replace('torch.', '')} "
+             f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" for (src, dst), keys in groups.items()]
+    warnings.warn(f"{where}: cast {'; '.join(parts)} to match the model's dtype", stacklevel=3)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -173,26 +277,94 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     """Attach the adapter saved in ``directory`` as ``name`` (default: its saved name) and make it
     the active adapter. Every check runs before the model is touched: on any error the model is
     unchanged. ``trainable=True`` leaves its parameters trainable (to continue training)."""
+    from .engine import _NAME_RE
     directory = Path(directory)
     meta, tensors = read_adapter(directory)
+    if name is None and meta.get("name") is not None and not _NAME_RE.match(meta["name"]):
+        raise AdapterFileError(f"{directory / CONFIG_FILE}: the stored name {meta['name']!r} is not a valid adapter "
+                               f"name; pass name=... to load the adapter under another")
     name = name or meta.get("name") or "default"
     return attach_state(model, meta, tensors, name, directory, directory / WEIGHTS_FILE, trainable)
+
+
+# Below this many parameters a layer's deltas are built and the exact name and shape checks
+# report what differs; above it, a config that the file cannot back is refused before allocating.
+_SMALL_ALLOCATION = 1 << 24
+
+
+def _check_sizes(model: torch.nn.Module, method: Any, cfg: Any, meta: dict[str, Any],
+                 tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """Before any delta is built: each wrapped layer's parameter count, from the method's own
+    formula for the stored config, must be covered by the file's tensors for that layer, when it
+    is large. A hostile or damaged config (``num_virtual_tokens: 10**12``) is refused here instead
+    of attempting the allocation it asks for; a file's tensors are bounded by its size."""
+    from .engine import unwrap, walk
+    from .layers import layer_kind
+    wanted = {n for n, t in meta["targets"].items() if t.get("delta", "method") == "method"}
+    for mod_name, module, _, _ in walk(model):
+        if mod_name not in wanted:
+            continue
+        # by prefix: a delta's own submodules nest its keys; a nested target only over-counts
+        held = sum(t.numel() for k, t in tensors.items() if k.startswith(f"deltas.{mod_name}."))
+        base = unwrap(module)
+        kind = layer_kind(base)
+        if kind not in method.kinds:
+            continue            # plan refuses it, naming the layer kinds the method applies to
+        try:
+            need = method.expected_parameters(base, kind, cfg, mod_name)
+        except DeltatuneError:
+            continue
+        if need > held and need > _SMALL_ALLOCATION:
+            raise AdapterFileError(f"{weights_path}: the stored {method.name} config needs {need:,} parameters for "
+                                   f"{mod_name} but the file holds {held:,} values for it; the "
+                                   f"config and the tensors disagree (the file is corrupted)")
+
+
+def _install(model: torch.nn.Module, p: Any, trainable: bool) -> None:
+    """``install``, undone if it raises (a method's attach hook can still refuse the model): the
+    model must be left as it was on any error."""
+    from .engine import active_adapters, delete_adapter, set_active
+    grads = [(q, q.requires_grad) for q in model.parameters()]
+    active = active_adapters(model)
+    try:
+        install(model, p, trainable=trainable)
+    except BaseException:
+        try:
+            adapters(model).setdefault(p.name, p.cfg)
+            delete_adapter(model, p.name)
+            for q, g in grads:
+                q.requires_grad_(g)
+            set_active(model, active)
+        except Exception:       # the original error is the one to report
+            pass
+        raise
 
 
 def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
                  directory: Path, weights_path: Path, trainable: bool = False) -> str:
     """Attach an adapter described by ``meta`` (our config format) with the given tensors,
     after checking that every tensor fits; the model is unchanged on any error."""
-    method = get_method(meta["method"])
+    from .engine import _check_name
+    config_path = directory / CONFIG_FILE
+    try:
+        method = get_method(meta["method"])
+    except DeltatuneError as e:
+        raise AdapterFileError(f"{config_path}: {e}") from None
+    _check_name(model, name)
     try:
         cfg = method.config_cls(**meta["config"])
     except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"{directory / CONFIG_FILE}: the stored {method.name} config is invalid: {e}") from None
+        raise AdapterFileError(f"{config_path}: the stored {method.name} config is invalid: {e}") from None
+    _check_sizes(model, method, cfg, meta, tensors, weights_path)
     try:
         exact = sorted(n for n, t in meta["targets"].items() if t.get("delta", "method") == "method")
         p = plan(model, cfg, name, loading=True, exact=exact)
     except DeltatuneError as e:
         raise AdapterFileError(f"{directory}: this adapter does not fit the model: {e}") from None
+    if not p.deltas:
+        # an adapter that wraps nothing would load "successfully" and change nothing
+        raise AdapterFileError(f"{config_path}: the adapter wraps no module (its targets entry is empty); the file "
+                               f"is corrupted or incomplete")
     for mod_name, module, *_ in p.deltas:
         want = meta["targets"][mod_name].get("weight_shape") if mod_name in meta["targets"] else None
         have = list(module.base.weight.shape if hasattr(module, "base") else module.weight.shape)
@@ -217,12 +389,29 @@ def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str
         if tuple(tensors[k].shape) != tuple(t.shape):
             raise AdapterFileError(f"{weights_path}: tensor {k} has shape {tuple(tensors[k].shape)} but this "
                                    f"model needs {tuple(t.shape)}")
+    checked, casts = {}, []
+    for k, want in expected.items():
+        t = tensors[k]
+        if not want.dtype.is_floating_point:
+            # an integer buffer of a trainable module copy (BatchNorm's num_batches_tracked): kept exact
+            if t.dtype != want.dtype:
+                raise AdapterFileError(f"{weights_path}: tensor {k} has dtype {t.dtype} but this model needs "
+                                       f"{want.dtype}")
+            checked[k] = t
+            continue
+        checked[k] = check_float_tensor(k, t, weights_path, want.dtype)
+        if t.dtype != want.dtype:
+            casts.append((k, t.dtype, want.dtype))
+    warn_casts(weights_path, casts)
     with torch.no_grad():
         for mod_name, _, _, _, _, delta in p.deltas:
             prefix = f"deltas.{mod_name}."
-            delta.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            delta.load_state_dict({k[len(prefix):]: v for k, v in checked.items() if k.startswith(prefix)})
         for mod_name, _, _, _, dup in p.copies:
             prefix = f"modules.{mod_name}."
-            dup.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    install(model, p, trainable=trainable)
+            dup.load_state_dict({k[len(prefix):]: v for k, v in checked.items() if k.startswith(prefix)})
+    try:
+        _install(model, p, trainable)
+    except DeltatuneError as e:
+        raise AdapterFileError(f"{directory}: this adapter does not fit the model: {e}") from None
     return name

@@ -27,7 +27,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +162,71 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
 
 # ----------------------------------------------------------------------------- load
 
+# What reading a damaged safetensors buffer can raise: the library's own error, and what the torch
+# side raises for a dtype it has no tensor for (safetensors' F4/F6 come back as a KeyError).
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError, OverflowError)
+_DIGITS = re.compile(r"[0-9]{1,18}")      # a non-negative int64 written by save_checkpoint
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, str)) or (
+        isinstance(value, (int, float)) and math.isfinite(value))
+
+
+def _check_layout(path: Path, bad: str, parsed: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The structure ``restore`` relies on, so that a damaged or hostile checkpoint (the digest
+    only proves the tensors match the metadata, not that either was written by deltatune) is
+    refused here with a message, not by a KeyError or a shape error half-way through a restore."""
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise CheckpointError(f"{bad}: {what}; delete it to start over")
+
+    need(isinstance(parsed["metrics"], list) and all(isinstance(m, dict) for m in parsed["metrics"]),
+         f"metrics must be a list of objects, got {_json_kind(parsed['metrics'])}")
+    for key in ("args", "scheduler", "optimizer"):
+        need(isinstance(parsed[key], dict), f"{key} must be an object, got {_json_kind(parsed[key])}")
+    opt = parsed["optimizer"]
+    need(isinstance(opt.get("class"), str), "optimizer.class must be the optimizer's class name")
+    groups = opt.get("param_groups")
+    need(isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) and all(
+        isinstance(n, str) for n in g["params"]) for g in groups),
+        "optimizer.param_groups must be a list of objects, each with a list of parameter names")
+    grouped = [n for g in groups for n in g["params"]]
+    need(len(grouped) == len(set(grouped)), "optimizer.param_groups names a parameter twice")
+    state = opt.get("state", {})
+    need(isinstance(state, dict) and all(n in grouped and isinstance(v, dict) and all(_is_scalar(x) for x in v.values())
+                                         for n, v in state.items()),
+         "optimizer.state must map the optimizer's parameter names to objects of numbers")
+    rng_size = torch.get_rng_state().numel()
+    for k, t in tensors.items():
+        kind, _, rest = k.partition("/")
+        if kind == "param":
+            need(bool(rest), f"tensor {k!r} names no parameter")
+            need(t.dtype.is_floating_point, f"tensor {k} has dtype {t.dtype}; trainable parameters are floating point")
+        elif kind == "optim":
+            name, _, key = rest.rpartition("/")
+            need(name in grouped and bool(key), f"tensor {k} is optimizer state for {name!r}, which is not one of "
+                                                f"the optimizer's parameters")
+            need(t.dtype.is_floating_point, f"tensor {k} has dtype {t.dtype}; optimizer state is floating point")
+            need(key not in state.get(name, {}), f"optimizer state {name}/{key} is stored twice")
+        elif k == "rng/torch" or (kind == "rng" and re.fullmatch(r"cuda/[0-9]+", rest)):
+            need(t.dtype == torch.uint8 and t.dim() == 1, f"tensor {k} must be a 1-D uint8 RNG state")
+        else:
+            need(False, f"unexpected tensor {k!r} (a checkpoint holds param/, optim/ and rng/ tensors)")
+    need("rng/torch" in tensors, "no torch RNG state")
+    rng = tensors["rng/torch"]
+    need(rng.numel() == rng_size, f"the torch RNG state has {rng.numel()} bytes, not {rng_size}")
+    try:
+        torch.Generator().set_state(rng)        # validates the state without touching the global RNG
+    except RuntimeError as e:
+        need(False, f"the torch RNG state is invalid ({e})")
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and validate a checkpoint file (never unpickles). Raises ``CheckpointError`` naming
     the file when it is missing, truncated, corrupted or not a deltatune checkpoint."""
@@ -167,17 +235,20 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     bad = f"{path}: corrupted or truncated checkpoint ({len(data)} bytes)"
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+    except _READ_ERRORS as e:
         raise CheckpointError(f"{bad}: {e}; delete it to start over") from None
     try:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         meta = header.get("__metadata__") or {}
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError) as e:
         raise CheckpointError(f"{bad}: unreadable header ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a deltatune training checkpoint (metadata format "
@@ -193,19 +264,88 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"start over")
     try:
         parsed = {k: json.loads(meta[k]) for k in ("metrics", "args", "scheduler", "optimizer")}
-        epoch, step = int(meta["epoch"]), int(meta["step"])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{bad}: invalid metadata ({e})") from None
-    if "rng/torch" not in tensors or tensors["rng/torch"].dtype != torch.uint8:
-        raise CheckpointError(f"{bad}: no torch RNG state")
-    return Checkpoint(path=path, epoch=epoch, step=step, tensors=tensors, **parsed)
+    for key in ("epoch", "step"):
+        if not _DIGITS.fullmatch(meta[key]):
+            raise CheckpointError(f"{bad}: invalid metadata ({key} {meta[key][:40]!r} is not a non-negative int)")
+    _check_layout(path, bad, parsed, tensors)
+    return Checkpoint(path=path, epoch=int(meta["epoch"]), step=int(meta["step"]), tensors=tensors, **parsed)
+
+
+def _compatible(saved: Any, current: Any) -> bool:
+    """Whether a JSON value from the checkpoint can stand where the run has ``current`` (an
+    optimizer hyperparameter, a scheduler field): the same kind of value, lists of the same
+    length. Values of other types (none in torch's own optimizers) are not judged."""
+    if isinstance(current, bool) or current is None:      # flags; None: "let torch choose" (foreach)
+        return isinstance(saved, bool) or (current is None and saved is None)
+    if isinstance(current, int):
+        return isinstance(saved, int) and not isinstance(saved, bool)
+    if isinstance(current, (float, torch.Tensor)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(current, str):
+        return isinstance(saved, str)
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(current) and all(map(_compatible, saved, current))
+    if isinstance(current, dict):
+        return isinstance(saved, dict) and saved.keys() <= current.keys() and all(
+            _compatible(v, current[k]) for k, v in saved.items())
+    return True
+
+
+def _is_count(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            return False
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value >= 0 and float(value).is_integer()
+
+
+def _state_layout(optimizer: torch.optim.Optimizer,
+                  hyper: dict[str, Any]) -> dict[str, tuple[str, torch.dtype | None]] | Exception:
+    """What one step of this optimizer (with these hyperparameters) keeps per parameter: key ->
+    (kind, dtype), kind "scalar" (a 0-d tensor, AdamW's step), "param" (a tensor shaped like the
+    parameter) or "value" (not a tensor). Found by stepping a fresh optimizer of the same class on a
+    three-element probe (zero gradient), so it holds for any optimizer rather than a list of
+    known ones; the exception instead when the probe cannot step (an optimizer that needs a
+    closure, or hyperparameters it cannot run with, such as ``capturable`` on a CPU)."""
+    probe = torch.zeros(3, requires_grad=True)
+    probe.grad = torch.zeros(3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = type(optimizer)([{**hyper, "params": [probe]}])
+            opt.step()
+    except Exception as e:      # noqa: BLE001 -- any failure is reported by the caller, or ends the probing
+        return e
+    return {k: (("value", None) if not isinstance(v, torch.Tensor) else ("scalar" if v.dim() == 0 else "param", v.dtype))
+            for k, v in opt.state.get(probe, {}).items()}
+
+
+def _as_current(saved: Any, current: Any) -> Any:
+    """JSON turned tuples (AdamW's betas) into lists: give them back their tuple."""
+    return tuple(saved) if isinstance(current, tuple) and isinstance(saved, list) else saved
+
+
+def _check_fields(path: Path, what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    unknown = sorted(set(saved) - set(current))
+    if unknown:
+        raise CheckpointError(f"{path}: the {what} holds fields {unknown[:4]} that this run's has not; the "
+                              f"checkpoint was written by another optimizer/scheduler or is corrupted")
+    for k, v in saved.items():
+        if not _compatible(v, current[k]):
+            raise CheckpointError(f"{path}: the {what}'s {k} is {v!r:.60} in the checkpoint, which cannot replace "
+                                  f"{current[k]!r:.60}; the checkpoint is corrupted")
 
 
 def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             scheduler: Any = None, restore_rng: bool = True) -> None:
     """Copy the checkpoint's trainable parameters, optimizer and scheduler state and RNG state
     into a freshly built run. The model's trainable parameters must match the checkpoint's
-    exactly (names and shapes), else ``CheckpointError`` says what differs."""
+    exactly (names and shapes), else ``CheckpointError`` says what differs. Everything is
+    checked before anything is copied: on an error the run is unchanged."""
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     saved = ckpt.params
@@ -223,47 +363,104 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
         if tuple(params[n].shape) != tuple(t.shape):
             raise CheckpointError(f"{ckpt.path}: parameter {n} has shape {tuple(t.shape)} in the checkpoint but "
                                   f"{tuple(params[n].shape)} in the model")
+
+    state_dict: dict[str, Any] | None = None
+    if optimizer is not None:
+        state_dict = _optimizer_state(ckpt, model, optimizer)
+    sched = None
+    if scheduler is not None:
+        current = scheduler.state_dict()
+        sched = {k: v for k, v in ckpt.scheduler.items()}
+        _check_fields(ckpt.path, "scheduler state", sched, {k: v for k, v in current.items() if k != "lr_lambdas"})
+        sched = {k: _as_current(v, current[k]) for k, v in sched.items()}
+        if "lr_lambdas" in current:
+            sched["lr_lambdas"] = [None] * len(current["lr_lambdas"])
+
     with torch.no_grad():
         for n, t in saved.items():
             params[n].copy_(t.to(dtype=params[n].dtype))
-
-    if optimizer is not None:
-        names = _param_names(model)
-        saved_groups = ckpt.optimizer.get("param_groups", [])
-        if ckpt.optimizer.get("class") != type(optimizer).__name__ or len(saved_groups) != len(optimizer.param_groups):
-            raise CheckpointError(f"{ckpt.path}: optimizer {ckpt.optimizer.get('class')} with {len(saved_groups)} "
-                                  f"group(s) does not match {type(optimizer).__name__} with "
-                                  f"{len(optimizer.param_groups)}")
-        state_dict: dict[str, Any] = {"state": {}, "param_groups": []}
-        index = 0
-        for group, saved_group in zip(optimizer.param_groups, saved_groups):
-            current = [names[id(p)] for p in group["params"]]
-            if current != saved_group["params"]:
-                raise CheckpointError(f"{ckpt.path}: the optimizer's parameters differ from the checkpoint's")
-            ids = []
-            for n in current:
-                st = {k.rsplit("/", 1)[1]: v for k, v in ckpt.tensors.items()
-                      if k.startswith(f"optim/{n}/") and "/" not in k[len(f"optim/{n}/"):]}
-                st.update(ckpt.optimizer.get("state", {}).get(n, {}))
-                if st:
-                    state_dict["state"][index] = st
-                ids.append(index)
-                index += 1
-            g = dict(saved_group)
-            g["params"] = ids
-            if isinstance(g.get("betas"), list):
-                g["betas"] = tuple(g["betas"])
-            state_dict["param_groups"].append(g)
+    if state_dict is not None:
         optimizer.load_state_dict(state_dict)
-
-    if scheduler is not None:
-        sd = dict(ckpt.scheduler)
-        if "lr_lambdas" in scheduler.state_dict():
-            sd["lr_lambdas"] = [None] * len(scheduler.state_dict()["lr_lambdas"])
-        scheduler.load_state_dict(sd)
-
+    if sched is not None:
+        scheduler.load_state_dict(sched)
     if restore_rng:
         torch.set_rng_state(ckpt.tensors["rng/torch"])
         cuda = [ckpt.tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in ckpt.tensors]
         if cuda and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+def _optimizer_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state_dict to load, checked against the optimizer it goes into."""
+    names = _param_names(model)
+    params = dict(model.named_parameters())
+    saved_groups = ckpt.optimizer.get("param_groups", [])
+    if ckpt.optimizer.get("class") != type(optimizer).__name__ or len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{ckpt.path}: optimizer {ckpt.optimizer.get('class')} with {len(saved_groups)} "
+                              f"group(s) does not match {type(optimizer).__name__} with "
+                              f"{len(optimizer.param_groups)}")
+    extra_state = ckpt.optimizer.get("state", {})
+    state_dict: dict[str, Any] = {"state": {}, "param_groups": []}
+    index = 0
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        if any(id(p) not in names for p in group["params"]):
+            raise CheckpointError(f"{ckpt.path}: the optimizer holds a parameter that is not in the model")
+        current = [names[id(p)] for p in group["params"]]
+        if current != saved_group["params"]:
+            raise CheckpointError(f"{ckpt.path}: the optimizer's parameters differ from the checkpoint's")
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        _check_fields(ckpt.path, "optimizer's param group", {k: v for k, v in saved_group.items() if k != "params"},
+                      hyper)
+        g = {k: _as_current(v, hyper.get(k)) for k, v in saved_group.items() if k != "params"}
+        g = {**{k: v for k, v in hyper.items() if k not in g}, **g}     # a field the file lacks keeps this run's value
+        layout = _state_layout(optimizer, g)
+        if isinstance(layout, Exception):
+            if not isinstance(_state_layout(optimizer, hyper), Exception):
+                # this run's own settings step, the checkpoint's do not: the file is at fault
+                raise CheckpointError(f"{ckpt.path}: {type(optimizer).__name__} cannot step with the checkpoint's "
+                                      f"hyperparameters ({type(layout).__name__}: {str(layout)[:200]}); the checkpoint "
+                                      f"is corrupted")
+            layout = None
+        ids = []
+        for p, n in zip(group["params"], current):
+            prefix = f"optim/{n}/"
+            st = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix) and "/" not in k[len(prefix):]}
+            values = extra_state.get(n, {})
+            if layout is not None and (st or values):
+                # a parameter is stepped or not: a state with a key missing (or one this optimizer
+                # does not keep) fails only at the next optimizer step, far from the file
+                keys = set(st) | set(values)
+                if keys != set(layout) or any(layout[k][0] == "value" for k in st) or any(
+                        layout[k][0] != "value" for k in values):
+                    raise CheckpointError(f"{ckpt.path}: the optimizer state of {n} holds {sorted(keys)}, but "
+                                          f"{type(optimizer).__name__} keeps {sorted(layout)} (tensors: "
+                                          f"{sorted(k for k, v in layout.items() if v[0] != 'value')})")
+            for key, t in st.items():
+                like = optimizer.state.get(p, {}).get(key)
+                if isinstance(like, torch.Tensor):
+                    ok = tuple(t.shape) == tuple(like.shape)
+                elif layout is not None:
+                    ok = (t.dim() == 0) if layout[key][0] == "scalar" else tuple(t.shape) == tuple(params[n].shape)
+                else:   # element-wise optimizers (AdamW, SGD, ...): a scalar step, tensors shaped like the parameter
+                    ok = t.dim() == 0 or tuple(t.shape) == tuple(params[n].shape)
+                if not ok:
+                    raise CheckpointError(f"{ckpt.path}: optimizer state {n}/{key} has shape {tuple(t.shape)}, which "
+                                          f"does not fit parameter {n} of shape {tuple(params[n].shape)}")
+                if layout is not None and layout[key][0] == "scalar" and t.dtype != layout[key][1]:
+                    # torch casts per-parameter states to the parameter's dtype on load, but keeps a
+                    # step count's own dtype, and its kernels do not take every one (float8)
+                    st[key] = t.to(layout[key][1])
+            step = st.get("step", values.get("step"))
+            if step is not None and not _is_count(step):
+                # torch's optimizers all keep their step count as "step"; AdamW raises an OverflowError
+                # at the next step for beta ** -1e30
+                raise CheckpointError(f"{ckpt.path}: optimizer state {n}/step is {step!r:.40}, not a step count "
+                                      f"(a non-negative whole number); the checkpoint is corrupted")
+            st.update(values)
+            if st:
+                state_dict["state"][index] = st
+            ids.append(index)
+            index += 1
+        g["params"] = ids
+        state_dict["param_groups"].append(g)
+    return state_dict
