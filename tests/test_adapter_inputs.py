@@ -474,12 +474,7 @@ def test_stored_rank_larger_than_the_layer_is_refused(ours):
 
 # ------------------------------------------------------------------ 6. checkpoints
 
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.frozen = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 2)
-        self.frozen.requires_grad_(False)
+from test_checkpoint import Toy  # noqa: E402  (the same small model as the checkpoint tests)
 
 
 def make_run():

@@ -327,7 +327,7 @@ def test_prompt_tuning_extends_mask_and_keeps_output_aligned():
 
 
 def test_lora_dropout_mask_has_rate_p_and_independent_elements():
-    from deltatune.methods.lowrank.lora import dropout_mask
+    from deltatune.core.kernels import dropout_mask
     torch.manual_seed(0)
     x = torch.zeros(512, 384)
     for p in (0.05, 0.1, 0.5):

@@ -33,6 +33,7 @@ from torch import nn
 from ...core.config import BaseConfig, _normalise_pattern, check, check_choice, check_number, method_config
 from ...core.engine import pattern_value
 from ...core.errors import DeltatuneError
+from ...core.kernels import FusedLoraGroup, FusedLoraLinear, dropout_mask
 from ...core.layers import channel_view, check_groups, merge_bias_shift, out_in, to_2d
 from ...core.registry import Method, register
 from ...core.wrapper import Delta
@@ -92,135 +93,6 @@ class LoraConfig(BaseConfig):
 
     def scale(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
-
-
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Where dropout zeroes ``x`` (True = dropped): each element independently with probability
-    ``p`` (to 1/65536). Four 16-bit draws come from each 64-bit random word, about 5x faster on a
-    CPU than ``bernoulli_``, whose per-element draws cost LoRA-with-dropout ~8 % of a MiniLM step."""
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
-    return (words.view(torch.int16)[:n] < round(p * 65536) - 32768).view(x.shape)
-
-
-class FusedLoraLinear(torch.autograd.Function):
-    """``g * (x W^T + s (drop(x) A^T) B^T) + b (+ lora_bias)`` for a frozen ``W`` in one function;
-    ``g = magnitude / norm`` per output unit is DoRA's rescaling (``g = 1`` for LoRA, where the
-    magnitude is None).
-
-    Against composing the ops with autograd it saves: the dropped input (only a 1-byte mask is
-    kept; ``x`` itself is referenced, not copied), the full-size passes for the scale and the add
-    (they go into ``addmm_``), and in backward ``g B`` is computed once and shared between the
-    factor gradients and the input gradient, which is accumulated with ``addmm_`` too. DoRA keeps
-    one full-size tensor (the pre-scale output, for the magnitude's gradient) where composed ops
-    keep three. The dropout mask comes from ``dropout_mask`` on both paths, so they agree for the
-    same RNG state.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w2, bias, A, B, lora_bias, magnitude, norm, scale: float, p: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        drop = None
-        if p > 0:
-            drop = dropout_mask(x2, p)
-            z = (x2.masked_fill(drop, 0) @ A.t()).mul_(1 / (1 - p))
-        else:
-            z = x2 @ A.t()
-        pre = None
-        if magnitude is None:
-            out = torch.addmm(bias, x2, w2.t()) if bias is not None else x2 @ w2.t()
-            out.addmm_(z, B.t(), alpha=scale)
-        else:
-            pre = (x2 @ w2.t()).addmm_(z, B.t(), alpha=scale)
-            out = pre * (magnitude / norm) if bias is None else torch.addcmul(bias, pre, magnitude / norm)
-        if lora_bias is not None:
-            out += lora_bias
-        ctx.save_for_backward(x2, drop, z, w2, A, B, pre, magnitude, norm)
-        ctx.scale, ctx.p, ctx.has_lora_bias = scale, p, lora_bias is not None
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, drop, z, w2, A, B, pre, magnitude, norm = ctx.saved_tensors
-        s, p = ctx.scale, ctx.p
-        g2 = g.reshape(-1, g.shape[-1])
-        dA = dB = dx = dlb = dmag = None
-        if ctx.has_lora_bias and ctx.needs_input_grad[5]:
-            dlb = g2.sum(0)
-        if magnitude is not None:
-            if ctx.needs_input_grad[6]:
-                dmag = (g2 * pre).sum(0) / norm
-            g2 = g2 * (magnitude / norm)
-        gB = g2 @ B
-        if ctx.needs_input_grad[4]:
-            dB = (g2.t() @ z).mul_(s)
-        if ctx.needs_input_grad[3]:
-            if drop is None:
-                dA = (gB.t() @ x2).mul_(s)
-            else:
-                dA = (gB.t() @ x2.masked_fill(drop, 0)).mul_(s / (1 - p))
-        if ctx.needs_input_grad[0]:
-            dx = g2 @ w2
-            if drop is None:
-                dx.addmm_(gB, A, alpha=s)
-            else:
-                dx.add_((gB @ A).masked_fill_(drop, 0), alpha=s / (1 - p))
-            dx = dx.reshape(*g.shape[:-1], dx.shape[-1])
-        return dx, None, None, dA, dB, dlb, dmag, None, None, None
-
-
-class FusedLoraGroup(torch.autograd.Function):
-    """Several LoRA layers on one input (q/k/v, gate/up), without dropout: ``FusedLoraLinear`` for
-    each, except that the input is read once for all the down-projections (``x [A_1; A_2; ...]^T``)
-    and once for all their gradients, and the input gradient takes all the low-rank terms in one
-    ``addmm_``. An output the model never used gets no gradient and costs nothing in backward."""
-
-    @staticmethod
-    def forward(ctx, x, n: int, scales: tuple, *tensors):
-        x2 = x.reshape(-1, x.shape[-1])
-        ws, biases, As, Bs, lbs = (tensors[i * n:(i + 1) * n] for i in range(5))
-        A_cat = torch.cat(As)
-        Z = x2 @ A_cat.t()
-        ranks = [A.shape[0] for A in As]
-        outs = []
-        for w2, b, z, B, lb, s in zip(ws, biases, Z.split(ranks, dim=1), Bs, lbs, scales):
-            y = torch.addmm(b, x2, w2.t()) if b is not None else x2 @ w2.t()
-            y.addmm_(z, B.t(), alpha=s)
-            if lb is not None:
-                y += lb
-            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, Z, A_cat, *ws, *Bs)
-        ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
-        ctx.has_lb = [lb is not None for lb in lbs]
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x2, Z, A_cat, *rest = ctx.saved_tensors
-        n, scales, ranks = ctx.n, ctx.scales, ctx.ranks
-        ws, Bs = rest[:n], rest[n:]
-        need = ctx.needs_input_grad
-        dx = None
-        gBs, dBs, dlbs = [], [None] * n, [None] * n
-        for i, (g, w2, B, z, s) in enumerate(zip(grads, ws, Bs, Z.split(ranks, dim=1), scales)):
-            if g is None:
-                gBs.append(Z.new_zeros(Z.shape[0], ranks[i]))
-                continue
-            g2 = g.reshape(-1, g.shape[-1])
-            gBs.append(g2 @ B * s)
-            if need[3 + 3 * n + i]:
-                dBs[i] = (g2.t() @ z).mul_(s)
-            if ctx.has_lb[i] and need[3 + 4 * n + i]:
-                dlbs[i] = g2.sum(0)
-            if need[0]:
-                dx = g2 @ w2 if dx is None else dx.addmm_(g2, w2)
-        gB = torch.cat(gBs, dim=1)
-        dA = gB.t() @ x2
-        dAs = list(dA.split(ranks))
-        if need[0]:
-            dx = gB @ A_cat if dx is None else dx.addmm_(gB, A_cat)
-            dx = dx.reshape(ctx.x_shape)
-        return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs)
 
 
 def check_rank(base: nn.Module, kind: str, r: int, layer: str | None = None) -> None:
