@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from deltatune.core.errors import DeltatuneError  # noqa: E402
 from deltatune.train import loop  # noqa: E402
 from deltatune.train.checkpoint import CHECKPOINT_FILE  # noqa: E402
 from deltatune.train.model import check_model_folder, load_encoder  # noqa: E402
-from test_train import ROOT, make_dataset, make_tiny_model, subprocess_env, tiny_train_argv  # noqa: E402,F401
+from test_train import make_dataset, subprocess_env, tiny_train_argv  # noqa: E402
 from test_train import one_thread, tiny_model, toy_csv  # noqa: E402,F401  (fixtures)
 
 

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
-import deltatune as dt  # noqa: E402
 from deltatune import cli  # noqa: E402
 from deltatune.train import loop  # noqa: E402
 from fuzzing import FUZZ, counted  # noqa: E402

@@ -18,7 +18,6 @@ is the engine's per-architecture map (``core.blocks``). Parameter count per adap
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ...core.blocks import sublayer_targets
