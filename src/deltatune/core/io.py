@@ -79,7 +79,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, kill_halfway: bool 
 
 
 def adapter_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    from .engine import walk
+    from .engine import shared_state, walk
     state = {}
     for mod_name, module, _, _ in walk(model):
         if isinstance(module, DeltaLayer) and name in module.deltas:
@@ -88,6 +88,9 @@ def adapter_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
         elif isinstance(module, ModuleCopies) and name in module.copies:
             for k, t in module.copies[name].state_dict().items():
                 state[f"modules.{mod_name}.{k}"] = t
+    shared = shared_state(model, name)
+    for k, t in (shared.state_dict() if shared is not None else {}).items():
+        state[f"shared.{k}"] = t      # adapter-level state: saved once, not per layer
     return state
 
 
@@ -104,8 +107,9 @@ def save_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     for mod_name, module, _, _ in walk(model):
         if isinstance(module, DeltaLayer) and name in module.deltas:
             delta = module.deltas[name]
+            weight = getattr(module.base, "weight", None)     # a block (an MLP) has none
             targets[mod_name] = {"type": type(module.base).__name__, "kind": module.kind,
-                                 "weight_shape": list(module.base.weight.shape),
+                                 "weight_shape": list(weight.shape) if isinstance(weight, torch.Tensor) else None,
                                  "delta": "bias" if isinstance(delta, BiasDelta) else "method"}
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -277,7 +281,7 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     """Attach the adapter saved in ``directory`` as ``name`` (default: its saved name) and make it
     the active adapter. Every check runs before the model is touched: on any error the model is
     unchanged. ``trainable=True`` leaves its parameters trainable (to continue training)."""
-    from .engine import _NAME_RE
+    from .lifecycle import _NAME_RE
     directory = Path(directory)
     meta, tensors = read_adapter(directory)
     if name is None and meta.get("name") is not None and not _NAME_RE.match(meta["name"]):
@@ -344,7 +348,7 @@ def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str
                  directory: Path, weights_path: Path, trainable: bool = False) -> str:
     """Attach an adapter described by ``meta`` (our config format) with the given tensors,
     after checking that every tensor fits; the model is unchanged on any error."""
-    from .engine import _check_name
+    from .lifecycle import _check_name
     config_path = directory / CONFIG_FILE
     try:
         method = get_method(meta["method"])
@@ -367,7 +371,8 @@ def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str
                                f"is corrupted or incomplete")
     for mod_name, module, *_ in p.deltas:
         want = meta["targets"][mod_name].get("weight_shape") if mod_name in meta["targets"] else None
-        have = list(module.base.weight.shape if hasattr(module, "base") else module.weight.shape)
+        weight = getattr(module.base if hasattr(module, "base") else module, "weight", None)
+        have = list(weight.shape) if isinstance(weight, torch.Tensor) else None
         if want is not None and want != have:
             raise AdapterFileError(f"{directory}: module {mod_name} has weight shape {have} in this model but "
                                    f"{want} in the adapter; it was trained for a different model")
@@ -376,6 +381,8 @@ def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str
         expected.update({f"deltas.{mod_name}.{k}": t for k, t in delta.state_dict().items()})
     for mod_name, _, _, _, dup in p.copies:
         expected.update({f"modules.{mod_name}.{k}": t for k, t in dup.state_dict().items()})
+    if p.shared is not None:
+        expected.update({f"shared.{k}": t for k, t in p.shared.state_dict().items()})
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -410,6 +417,8 @@ def attach_state(model: torch.nn.Module, meta: dict[str, Any], tensors: dict[str
         for mod_name, _, _, _, dup in p.copies:
             prefix = f"modules.{mod_name}."
             dup.load_state_dict({k[len(prefix):]: v for k, v in checked.items() if k.startswith(prefix)})
+        if p.shared is not None:
+            p.shared.load_state_dict({k[len("shared."):]: v for k, v in checked.items() if k.startswith("shared.")})
     try:
         _install(model, p, trainable)
     except DeltatuneError as e:

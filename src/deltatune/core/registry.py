@@ -18,7 +18,8 @@ class Method:
 
     name: registry name; config_cls: its config dataclass; paper: the title of the paper that
     defines it; hook: "weight", "activation" or "input" (where it touches the frozen model);
-    kinds: the layer kinds it can wrap (see core.layers); make_delta(base, kind, cfg, overrides)
+    kinds: the layer kinds it can wrap (see core.layers; "block": any other module, e.g. an MLP or
+    an attention block, whose output may be a tuple); make_delta(base, kind, cfg, name, loading)
     builds the delta module for one wrapped layer; expected_parameters(base, kind, cfg, overrides)
     is the paper's parameter-count formula for one layer (checked by the conformance suite);
     default_targets maps a transformers ``model_type`` to target patterns; default_lr is the
@@ -53,6 +54,9 @@ class Method:
     per_sample_safe: bool = True
     changes_sequence: bool = False
     identity_at_init: bool = True
+    # adapter-level state: (model, cfg) -> one module shared by the adapter's layers, passed to
+    # make_delta as ``shared=`` (see core.lifecycle)
+    shared_state: Callable[[nn.Module, BaseConfig], nn.Module] | None = None
     on_attach: Callable[[nn.Module, str], None] | None = None
     on_remove: Callable[[nn.Module, str], None] | None = None
     lr_multipliers: Callable[[BaseConfig], dict[str, float]] | None = None

@@ -37,6 +37,9 @@ class Delta(nn.Module):
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def transform_arguments(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
     def parameter_diffs(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -201,7 +204,12 @@ class DeltaLayer(nn.Module):
     def running(self) -> list[Delta]:
         return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        if self.kind == "block":
+            return self.forward_block(*args, **kwargs)
+        return self.forward_layer(*args, **kwargs)
+
+    def forward_layer(self, x, *args, **kwargs):
         if self.per_sample is not None:
             return self.forward_per_sample(x, *args, **kwargs)
         deltas = self.running()
@@ -255,8 +263,83 @@ class DeltaLayer(nn.Module):
             out = out.index_copy(0, rows, d(xs, ys, self.base))
         return out
 
+    def forward_block(self, *args, **kwargs):
+        """A block (an MLP, an attention module): deltas read the block's input (its first
+        positional argument, or ``hidden_states``) and change the first element of its output
+        (the hidden states, when the block returns a tuple). An input transform here rewrites the
+        block's arguments (``transform_arguments``: a parallel adapter on a post-norm block adds to
+        the residual argument, inside the block's LayerNorm)."""
+        if self.per_sample is not None:
+            return self.forward_block_per_sample(args, kwargs)
+        deltas = self.running()
+        if not deltas:
+            return self.base(*args, **kwargs)
+        x = block_input(self.base, args, kwargs)
+        for d in deltas:
+            if d.transforms_input:
+                args, kwargs = d.transform_arguments(x, args, kwargs)
+        out = self.base(*args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        for d in deltas:
+            if not d.transforms_input:
+                y = d(x, y, self.base)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def forward_block_per_sample(self, args, kwargs):
+        """Each group of samples runs the block with its own adapter: every tensor argument whose
+        first dimension is the batch is split by rows (cos/sin tables and masks included)."""
+        names = self.per_sample
+        n = block_input(self.base, args, kwargs).shape[0]
+        if n != len(names):
+            raise ValueError(f"per_sample_adapters got {len(names)} names but the batch has {n} samples")
+        saved, outs, index = self.per_sample, {}, {}
+        self.per_sample = None
+        try:
+            for name in dict.fromkeys(names):
+                rows = torch.tensor([i for i, m in enumerate(names) if m == name], device=block_input(
+                    self.base, args, kwargs).device)
+                active, self.active = self.active, ([name] if name in self.deltas else [])
+                try:
+                    outs[name] = self.forward_block(*_rows(args, rows, n), **_rows(kwargs, rows, n))
+                finally:
+                    self.active = active
+                index[name] = rows
+        finally:
+            self.per_sample = saved
+        return _join(outs, index, n)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, active={self.active}, merged={self.merged}"
+
+
+def block_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(block).__name__} was called without a tensor as its first argument or as "
+                        f"hidden_states=; a block delta cannot find its input")
+    return x
+
+
+def _rows(value, rows: torch.Tensor, n: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value.index_select(0, rows)
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, n) for k, v in value.items()}
+    return value
+
+
+def _join(outs: dict, index: dict, n: int):
+    first = next(iter(outs.values()))
+    if isinstance(first, tuple):
+        return tuple(_join({k: o[i] for k, o in outs.items()}, index, n) for i in range(len(first)))
+    if not (isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == index[next(iter(outs))].numel()):
+        return first      # not per sample (None, or a value the block returns whole)
+    out = first.new_zeros((n, *first.shape[1:]))
+    for k, o in outs.items():
+        out = out.index_copy(0, index[k], o)
+    return out
 
 
 class ModuleCopies(nn.Module):
