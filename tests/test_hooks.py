@@ -57,7 +57,7 @@ def test_auxiliary_loss_step_hook_and_calibrate_reach_the_method(monkeypatch):
     lora = dt.get_method("lora")
     monkeypatch.setattr(lora, "auxiliary_loss", lambda m, name: m.body.deltas[name].lora_A.pow(2).sum())
     monkeypatch.setattr(lora, "on_step", lambda m, name, step: seen.append(("step", name, step)))
-    monkeypatch.setattr(lora, "calibrate", lambda m, name, batches: seen.append(("calibrate", name, len(batches))))
+    monkeypatch.setattr(lora, "calibrate", lambda m, name, batches, loss_fn: seen.append(("calibrate", name, len(batches))))
     aux = dt.auxiliary_loss(model)
     assert torch.allclose(aux, model.body.deltas["default"].lora_A.pow(2).sum())
     aux.backward()

@@ -18,7 +18,7 @@ Each walks the attached adapters and calls the hook their method registered (see
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -83,16 +83,24 @@ def step_hook(model: nn.Module, step: int) -> None:
         fn(model, name, step)
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], names: list[str] | None = None) -> list[str]:
+def calibrate(model: nn.Module, batches: Iterable[Any], names: list[str] | None = None,
+              loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> list[str]:
     """Give the adapters whose method needs data before training (``calibrate`` hook) a few
-    batches; returns the names of the adapters that used them. ``batches`` may be any iterable of
-    what ``model(**batch)`` (dicts) or ``model(batch)`` takes; it is materialised once so every
-    adapter sees the same batches."""
+    batches; returns the names of the adapters that used them (a hook returns False when its
+    adapter needs none). ``batches`` may be any iterable of what ``model(**batch)`` (dicts) or
+    ``model(batch)`` takes; it is materialised once so every adapter sees the same batches.
+    ``loss_fn(model, batch)`` gives a batch's scalar loss to methods that need gradients; by
+    default the model's output ``.loss`` (transformers models given ``labels``)."""
     batches = list(batches)
     if not batches:
         raise DeltatuneError("dt.calibrate needs at least one batch")
-    used = []
-    for name, fn in _with_hook(model, "calibrate", names):
-        fn(model, name, batches)
-        used.append(name)
-    return used
+    return [name for name, fn in _with_hook(model, "calibrate", names)
+            if fn(model, name, batches, loss_fn or output_loss) is not False]
+
+
+def output_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    if getattr(out, "loss", None) is None:
+        raise DeltatuneError(f"dt.calibrate: the model's output ({type(out).__name__}) has no .loss; pass batches "
+                             f"with labels, or dt.calibrate(model, batches, loss_fn=lambda model, batch: ...)")
+    return out.loss

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -52,6 +53,7 @@ from .tasks import KINDS, TEXT_TASKS, TaskSetup, setup_task
 
 WARMUP_FRACTION = 0.06
 MAX_GRAD_NORM = 1.0
+CALIBRATION_BATCHES = 8     # what methods that need data before training (LoRA-GA) get: dt.calibrate
 METRICS_FILE = "metrics.json"
 HEAD = "classifier"
 # what a run writes into its folder: an existing one is replaced only with --overwrite
@@ -280,6 +282,27 @@ def train(args: Any) -> dict[str, Any]:
     return metrics
 
 
+def calibrate(model: torch.nn.Module, train_split: Any, a: TrainArgs, device: torch.device) -> None:
+    """``dt.calibrate`` on a few training batches for methods that need data before training
+    (LoRA-GA), on resume too (checkpoints hold trainable tensors only: the calibrated frozen ones
+    are rebuilt, identically). The batches come in an order of their own, and calibration draws
+    no random numbers, so the training batches and dropout masks stay those of a run without it."""
+    import deltatune as dt
+    order = train_split.grouped_order(a.batch_size, torch.Generator().manual_seed(derive_seed(a.seed, 0, "calibrate")))
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in itertools.islice(train_split.batches(a.batch_size, order), CALIBRATION_BATCHES)]
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device, a.precision):
+            return m(**batch)[1]
+
+    t0 = time.perf_counter()
+    used = dt.calibrate(model, batches, loss_fn=loss)
+    if used:
+        _log(f"calibrated {', '.join(used)} on {len(batches)} batches of {a.batch_size} "
+             f"({time.perf_counter() - t0:.1f} s)")
+
+
 def data_sha256(data: str) -> str | None:
     """The content hash of a data file (None for a built-in task): ``--resume`` refuses a file
     that changed since the checkpoint, even at the same path."""
@@ -339,6 +362,8 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     trainable, total = dt.count_parameters(model)
     _log(f"{a.method} on {model_name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / max(total, 1):.3f} %), lr {lr:g}, device {device}")
+    if cfg is not None and dt.get_method(cfg.method).calibrate is not None:
+        calibrate(model, train_split, a, device)
 
     params = [p for _, p in dt.trainable_parameters(model)]
     head_lr = default_lr("head", model_type(model)) if a.head_lr is None else float(a.head_lr)
