@@ -356,7 +356,11 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     if baseline:
         prepare_baseline(model, a.method, setup.head)
     else:
-        cfg = method_config(a.method, a.method_options, setup.head)
+        options = dict(a.method_options)
+        if "total_step" in dt.get_method(a.method).config_cls.__dataclass_fields__ and options.get("total_step") is None:
+            # a method with a step schedule (adalora's rank budget) plans it over the run's optimizer steps
+            options["total_step"] = math.ceil(train_split.num_batches(a.batch_size) / a.grad_accum) * a.epochs
+        cfg = method_config(a.method, options, setup.head)
         dt.attach(model, cfg)
     model.to(device)
     trainable, total = dt.count_parameters(model)
