@@ -43,9 +43,10 @@ def test_matrices_are_regenerated_from_the_seed_alone():
     dt.attach(model, dt.config("vera", r=16, seed=7, targets=["q_proj"]))
     d = next(w for _, w in wrappers(model)).deltas["default"]
     A, B = d.vera_A.clone(), d.vera_B.clone()
+    dt.delete_adapter(model, "default")
+    assert not hasattr(model, "deltatune_shared"), "the adapter-level module outlives its adapter"
     del model, d
     gc.collect()
-    assert not vera._SHARED, "the shared matrices outlive their adapter"
     regenerated = tiny_llama()
     dt.attach(regenerated, dt.config("vera", r=16, seed=7, targets=["q_proj"]))
     d = next(w for _, w in wrappers(regenerated)).deltas["default"]
@@ -67,3 +68,20 @@ def test_minilm_file_is_within_ten_percent_of_the_vectors():
         with safe_open(os.path.join(tmp, "adapter.safetensors"), framework="pt") as f:
             assert not [k for k in f.keys() if "vera_A" in k or "vera_B" in k]
     assert size <= 1.10 * vectors, (size, vectors)
+
+
+def test_the_matrices_are_one_adapter_level_module_that_moves_with_the_model():
+    """Shared once: listed once among the model's buffers, and still one tensor per shape after
+    ``model.to(...)`` (per-layer buffers aliasing one tensor would be copied once per layer)."""
+    model = tiny_llama().eval()
+    dt.attach(model, dt.config("vera", r=16, targets=["q_proj", "v_proj"]))
+    holder = model.deltatune_shared["default"]
+    assert sorted(holder._buffers) == ["A_16x64", "B_32x16", "B_64x16"]    # q: 64 out, v: 2 kv heads x 16
+    assert sum("deltatune_shared" in n for n, _ in model.named_buffers()) == 3
+    model.to(torch.float64)
+    layers = [w.deltas["default"] for _, w in wrappers(model)]
+    assert len({d.vera_A.data_ptr() for d in layers}) == 1
+    assert all(d.vera_A.dtype == torch.float64 for d in layers)
+    assert not any("deltatune_shared" in n for n, _ in dt.trainable_parameters(model))
+    state = dt.core.io.adapter_state(model, "default")
+    assert not [k for k in state if k.startswith("shared.")]      # regenerated, so not saved

@@ -5,6 +5,7 @@ patterns; the model type that default targets are keyed by)."""
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from typing import Any, Iterator, NamedTuple
 
@@ -127,8 +128,8 @@ def resolve_targets(model: nn.Module, method: Method, cfg: BaseConfig) -> list[s
     if cfg.targets is not None:
         return cfg.targets
     defaults = method.default_targets
-    if callable(defaults):
-        return defaults(model)
+    if callable(defaults):      # a function of the model, or of the model and the config
+        return defaults(model, cfg) if len(inspect.signature(defaults).parameters) > 1 else defaults(model)
     kind = model_type(model)
     if kind in defaults:
         return defaults[kind]

@@ -286,27 +286,36 @@ class DeltaLayer(nn.Module):
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def forward_block_per_sample(self, args, kwargs):
-        """Each group of samples runs the block with its own adapter: every tensor argument whose
-        first dimension is the batch is split by rows (cos/sin tables and masks included)."""
+        """Each sample runs its own adapter. Output deltas: one call of the block, then each
+        adapter's delta on its rows. Argument transforms: one call per adapter on its rows, with
+        every tensor argument whose first dimension is the batch split alike (masks, cos/sin)."""
         names = self.per_sample
-        n = block_input(self.base, args, kwargs).shape[0]
-        if n != len(names):
-            raise ValueError(f"per_sample_adapters got {len(names)} names but the batch has {n} samples")
-        saved, outs, index = self.per_sample, {}, {}
+        x = block_input(self.base, args, kwargs)
+        if x.shape[0] != len(names):
+            raise ValueError(f"per_sample_adapters got {len(names)} names but the batch has {x.shape[0]} samples")
+        groups = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=x.device)
+                  for n in dict.fromkeys(names)}
+        if not any(self.deltas[n].transforms_input for n in groups if n in self.deltas):
+            out = self.base(*args, **kwargs)
+            y = out[0] if isinstance(out, tuple) else out
+            new = y
+            for n, rows in groups.items():
+                if n in self.deltas:
+                    new = new.index_copy(0, rows, self.deltas[n](x.index_select(0, rows), y.index_select(0, rows),
+                                                                 self.base))
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+        saved, outs = self.per_sample, {}
         self.per_sample = None
         try:
-            for name in dict.fromkeys(names):
-                rows = torch.tensor([i for i, m in enumerate(names) if m == name], device=block_input(
-                    self.base, args, kwargs).device)
-                active, self.active = self.active, ([name] if name in self.deltas else [])
+            for n, rows in groups.items():
+                active, self.active = self.active, ([n] if n in self.deltas else [])
                 try:
-                    outs[name] = self.forward_block(*_rows(args, rows, n), **_rows(kwargs, rows, n))
+                    outs[n] = self.forward_block(*_rows(args, rows, len(names)), **_rows(kwargs, rows, len(names)))
                 finally:
                     self.active = active
-                index[name] = rows
         finally:
             self.per_sample = saved
-        return _join(outs, index, n)
+        return _join(outs, groups, len(names))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, active={self.active}, merged={self.merged}"

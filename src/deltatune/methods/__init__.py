@@ -1,6 +1,6 @@
 """Every method registers itself on import; importing this package registers them all."""
 
-from .adapters import bottleneck  # noqa: F401  (houlsby, pfeiffer)
+from .adapters import bottleneck, parallel  # noqa: F401  (houlsby, pfeiffer, parallel_adapter)
 from .lowrank import adalora, dora, lora, vera  # noqa: F401
 from .prompts import prompt_tuning  # noqa: F401
 from .scaling import ia3  # noqa: F401

@@ -12,16 +12,17 @@ layer: ``r + out``. Because ``b`` scales the output and ``d`` the rank, ``r`` ca
 than LoRA's (256 in the paper) at a fraction of LoRA's parameters.
 
 Adapter-level state: the matrices are regenerated from ``seed`` (stored in the config), so the
-adapter file holds only the vectors. Layers of one adapter with the same ``fan_in`` share the
-very same ``A`` tensor, and those with the same ``out`` the same ``B`` (one random pair per
-layer shape, rather than slices of one pair sized to the largest layer: the same role, and no
-pass over every target is needed to size it); they are buffers that are not saved.
+adapter file holds only the vectors. They live once per adapter in its adapter-level module
+(``VeraBases``, see core.lifecycle): layers with the same ``fan_in`` read the very same ``A``, and
+those with the same ``out`` the same ``B`` (one random pair per layer shape, rather than slices of
+one pair sized to the largest layer: the same role, and no pass over every target is needed to
+size it). They are buffers that are not saved, and move with the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -31,11 +32,6 @@ from ...core.layers import out_in, to_2d
 from ...core.registry import Method, register
 from ...core.wrapper import Delta
 from .lora import DEFAULT_TARGETS
-
-# (seed, which, shape, dtype, device) -> the shared random matrix; weak, so a deleted adapter
-# frees its matrices with its last layer
-_SHARED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
-
 
 @method_config
 class VeraConfig(BaseConfig):
@@ -56,38 +52,48 @@ def shared_matrix(seed: int, which: str, rows: int, cols: int, dtype: torch.dtyp
                   device: torch.device) -> torch.Tensor:
     """The frozen random ``A`` (``which="A"``, ``(r, fan_in)``) or ``B`` (``(out, r)``) of an
     adapter: Kaiming-uniform with a = sqrt(5) (bound ``1 / sqrt(cols)``), drawn from a generator
-    seeded by ``(seed, which, shape)``, so it is the same tensor for every layer of that shape and
-    the same numbers in every process."""
-    key = (seed, which, rows, cols, dtype, str(device))
-    cached = _SHARED.get(key)
-    if cached is not None:
-        return cached
-    g = torch.Generator().manual_seed(hash_seed(seed, which, rows, cols))
-    bound = 1.0 / math.sqrt(cols)
-    matrix = ((torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(dtype=dtype,
-                                                                                              device=device)
-    _SHARED[key] = matrix
-    return matrix
-
-
-def hash_seed(seed: int, which: str, rows: int, cols: int) -> int:
-    import hashlib
+    seeded by ``(seed, which, shape)``, so it is the same numbers in every process."""
     digest = hashlib.sha256(f"deltatune-vera:{seed}:{which}:{rows}x{cols}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    bound = 1.0 / math.sqrt(cols)
+    return ((torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(dtype=dtype, device=device)
+
+
+class VeraBases(nn.Module):
+    """The adapter-level module: one regenerated (non-persistent) buffer per matrix shape."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def matrix(self, which: str, rows: int, cols: int, like: torch.Tensor) -> str:
+        key = f"{which}_{rows}x{cols}"
+        if key not in self._buffers:
+            self.register_buffer(key, shared_matrix(self.seed, which, rows, cols, like.dtype, like.device),
+                                 persistent=False)
+        return key
 
 
 class VeraDelta(Delta):
-    def __init__(self, base: nn.Module, kind: str, cfg: VeraConfig):
+    def __init__(self, base: nn.Module, kind: str, cfg: VeraConfig, bases: VeraBases):
         super().__init__()
         out, fan_in = out_in(base, kind)
         w = base.weight
         self.kind = kind
-        self.register_buffer("vera_A", shared_matrix(cfg.seed, "A", cfg.r, fan_in, w.dtype, w.device),
-                             persistent=False)
-        self.register_buffer("vera_B", shared_matrix(cfg.seed, "B", out, cfg.r, w.dtype, w.device),
-                             persistent=False)
+        # a plain reference, not a submodule: the matrices belong to the adapter, listed once
+        self.__dict__["bases"] = bases
+        self.key_A = bases.matrix("A", cfg.r, fan_in, w)
+        self.key_B = bases.matrix("B", out, cfg.r, w)
         self.vera_d = nn.Parameter(torch.full((cfg.r,), float(cfg.d_initial), dtype=w.dtype, device=w.device))
         self.vera_b = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device))
+
+    @property
+    def vera_A(self) -> torch.Tensor:
+        return self.bases.get_buffer(self.key_A)
+
+    @property
+    def vera_B(self) -> torch.Tensor:
+        return self.bases.get_buffer(self.key_B)
 
     def forward(self, x, y, base):
         return y + ((x @ self.vera_A.t()) * self.vera_d) @ self.vera_B.t() * self.vera_b
@@ -101,9 +107,10 @@ class VeraDelta(Delta):
         return w2 + self.delta_2d(), b
 
 
-def make_delta(base: nn.Module, kind: str, cfg: VeraConfig, name: str, loading: bool = False) -> VeraDelta:
+def make_delta(base: nn.Module, kind: str, cfg: VeraConfig, name: str, loading: bool = False,
+               shared: VeraBases | None = None) -> VeraDelta:
     to_2d(base.weight, kind)        # a layer kind without a 2-D view fails here, by name
-    return VeraDelta(base, kind, cfg)
+    return VeraDelta(base, kind, cfg, shared)
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: VeraConfig, name: str) -> int:
@@ -121,5 +128,6 @@ VERA = register(Method(
     make_delta=make_delta,
     expected_parameters=expected_parameters,
     default_targets=DEFAULT_TARGETS,
+    shared_state=lambda model, cfg: VeraBases(cfg.seed),
     default_lr=1e-2,    # the paper's rates for RoBERTa are 4e-3..1e-2 on the vectors; not yet swept here
 ))
