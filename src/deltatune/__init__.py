@@ -20,6 +20,7 @@ from .methods.lowrank.dora import DoraConfig
 from .methods.lowrank.lora import LoraConfig
 from .methods.prompts.prompt_tuning import PromptTuningConfig
 from .methods.scaling.ia3 import IA3Config
+from .quant import quantize
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,6 @@ __all__ = [
     "AdapterFileError", "BaseConfig", "DeltatuneError", "DoraConfig", "IA3Config", "LoraConfig",
     "PromptTuningConfig", "active_adapters", "attach", "auxiliary_loss", "available_methods", "calibrate", "config",
     "count_parameters", "parameter_groups", "step_hook",
-    "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "per_sample_adapters", "save_adapter", "set_active",
+    "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "per_sample_adapters", "quantize", "save_adapter", "set_active",
     "summary", "trainable_parameters", "unload", "unmerge",
 ]

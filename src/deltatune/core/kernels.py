@@ -6,6 +6,9 @@ conformance suite (``test_fast_paths_equal_the_plain_definition``).
 - ``FusedLoraLinear``: ``y = x W^T + b + s (drop(x) A^T) B^T`` in one function, saving only what
   the backward needs;
 - ``FusedLoraGroup``: several LoRA layers reading one input (q/k/v, gate/up) in one pass.
+
+A frozen weight stored compactly (a quantised base, ``deltatune.quant``) arrives as a float
+tensor carrying ``rebuild``: these functions keep that function for backward, not the tensor.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class FusedLoraLinear(torch.autograd.Function):
             out = pre * (magnitude / norm) if bias is None else torch.addcmul(bias, pre, magnitude / norm)
         if lora_bias is not None:
             out += lora_bias
-        ctx.save_for_backward(x2, drop, z, w2, A, B, pre, magnitude, norm)
+        ctx.rebuild = getattr(w2, "rebuild", None)
+        ctx.save_for_backward(x2, drop, z, None if ctx.rebuild else w2, A, B, pre, magnitude, norm)
         ctx.scale, ctx.p, ctx.has_lora_bias = scale, p, lora_bias is not None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -79,7 +83,7 @@ class FusedLoraLinear(torch.autograd.Function):
             else:
                 dA = (gB.t() @ x2.masked_fill(drop, 0)).mul_(s / (1 - p))
         if ctx.needs_input_grad[0]:
-            dx = g2 @ w2
+            dx = g2 @ (ctx.rebuild() if ctx.rebuild else w2)
             if drop is None:
                 dx.addmm_(gB, A, alpha=s)
             else:
@@ -108,7 +112,8 @@ class FusedLoraGroup(torch.autograd.Function):
             if lb is not None:
                 y += lb
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, Z, A_cat, *ws, *Bs)
+        ctx.rebuilds = [getattr(w2, "rebuild", None) for w2 in ws]
+        ctx.save_for_backward(x2, Z, A_cat, *[None if r else w2 for w2, r in zip(ws, ctx.rebuilds)], *Bs)
         ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
         ctx.has_lb = [lb is not None for lb in lbs]
         return tuple(outs)
@@ -117,8 +122,8 @@ class FusedLoraGroup(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, Z, A_cat, *rest = ctx.saved_tensors
         n, scales, ranks = ctx.n, ctx.scales, ctx.ranks
-        ws, Bs = rest[:n], rest[n:]
         need = ctx.needs_input_grad
+        ws, Bs = [r() if r and need[0] else w2 for w2, r in zip(rest[:n], ctx.rebuilds)], rest[n:]
         dx = None
         gBs, dBs, dlbs = [], [None] * n, [None] * n
         for i, (g, w2, B, z, s) in enumerate(zip(grads, ws, Bs, Z.split(ranks, dim=1), scales)):

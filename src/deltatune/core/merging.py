@@ -3,27 +3,27 @@ restoring the weights exactly, and unloading every wrapper."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .activation import _require, active_adapters
 from .errors import DeltatuneError
-from .layers import from_2d, to_2d
+from .layers import from_2d, kind_of, to_2d
 from .lifecycle import remove_shared
 from .matching import adapters, walk, wrappers
 from .registry import get_method
 from .wrapper import DeltaLayer, ModuleCopies, stage
 
 
-def _weight_and_bias(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return base.weight, getattr(base, "bias", None)
-
-
-def merge(model: nn.Module, name: str | list[str] | None = None) -> nn.Module:
+def merge(model: nn.Module, name: str | list[str] | None = None, quantized: str | None = None) -> nn.Module:
     """Fold the named (default: active) adapters into the base weights.
 
     The arithmetic runs in float64 and is cast back once. The base weights are copied first,
-    so ``unmerge`` restores them bit-for-bit.
+    so ``unmerge`` restores them bit-for-bit. A quantised base layer (``dt.quantize``) needs
+    ``quantized="requantize"`` (stays quantised; the error is reported) or ``"dequantize"``
+    (becomes a float layer).
     """
     names = active_adapters(model) if name is None else ([name] if isinstance(name, str) else list(name))
     _require(model, names)
@@ -58,23 +58,26 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> nn.Module:
                                  f"(dt.merge(model, [{', '.join(repr(n) for n in blocking + todo)}])) or deactivate "
                                  f"{', '.join(blocking)} first")
         if todo:
-            plans.append((w, todo))
-    for w, todo in plans:
-        weight, bias = _weight_and_bias(w.base)
+            plans.append((mod_name, w, todo))
+    for _, w, _ in plans:       # e.g. a quantised layer without a merge policy: refuse before any change
+        kind_of(w.base).check_store(w.base, quantized)
+    lossy = {}
+    for mod_name, w, todo in plans:
+        kind = kind_of(w.base)
         if w.backup is None:
-            w.backup = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+            w.backup = kind.backup(w.base)
         with torch.no_grad():
+            weight, bias = kind.weight(w.base), getattr(w.base, "bias", None)
             w2 = to_2d(weight, w.kind).double()
             b = None if bias is None else bias.double()
             for n in todo:
                 w2, b = w.deltas[n].merge(w2, b)
-            weight.copy_(from_2d(w2, weight, w.kind).to(weight.dtype))
-            if b is not None:
-                if bias is None:
-                    w.base.bias = nn.Parameter(b.to(weight.dtype), requires_grad=False)
-                else:
-                    bias.copy_(b.to(bias.dtype))
+            w.base, lossy[mod_name] = kind.store(w.base, from_2d(w2, weight, w.kind), b, quantized)
         w.merged.extend(todo)
+    lossy = [f"{n}: {e}" for n, e in lossy.items() if e is not None]
+    if lossy:
+        warnings.warn(f"dt.merge re-quantised {len(lossy)} layers ({'; '.join(lossy[:3])}{' ...' if len(lossy) > 3 else ''}); "
+                      f"deltatune.quant.requantization_errors(model) lists each", stacklevel=2)
     return model
 
 
@@ -83,24 +86,17 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, w in wrappers(model):
         if w.backup is None:
             continue
-        weight, bias = w.backup
-        with torch.no_grad():
-            w.base.weight.copy_(weight)
-            if bias is None:
-                if getattr(w.base, "bias", None) is not None:
-                    w.base.bias = None
-            else:
-                w.base.bias.copy_(bias)
+        w.base = w.backup.restore(w.base)
         w.backup = None
         w.merged = []
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, quantized: str | None = None) -> nn.Module:
     """Remove every wrapper and return the plain model: with ``merge=True`` the active adapters
     (and their trainable modules) are folded in; with ``merge=False`` the original model."""
     if merge:
-        globals()["merge"](model)
+        globals()["merge"](model, quantized=quantized)
     else:
         unmerge(model)
     for n in list(adapters(model)):
