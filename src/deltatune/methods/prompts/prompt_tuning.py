@@ -2,36 +2,28 @@
 al., 2021).
 
 ``k`` trainable embeddings (soft prompt tokens) are prepended to the input embeddings; the
-frozen model attends to them like real tokens. The engine wraps the model's input embedding
-so that the prompt is named, saved and activated like any delta; a pre-hook on the model that
-owns that embedding (a transformers ``PreTrainedModel``: encoder or causal LM) turns
-``input_ids`` into ``inputs_embeds`` with the prompt in front, extends ``attention_mask`` (ones)
-and ``token_type_ids`` (zeros), and pads ``labels`` with -100. A post-hook removes the ``k``
-prompt positions from ``last_hidden_state`` and ``logits``, so callers see outputs aligned
-with their own tokens.
+frozen model attends to them like real tokens: for tokens ``x_1..x_n`` with embeddings ``E x``,
+the model runs on ``[P; E x]`` with ``P`` the ``k x dim`` prompt. The engine wraps the model's
+input embedding so that the prompt is named, saved and activated like any delta; the shared
+sequence plumbing (``plumbing.py``) prepends it, extends the attention mask, token types, labels
+and position ids, removes the ``k`` prompt positions from the outputs, and keeps generation with
+a key/value cache right (the prompt enters the cache on the first step only).
 
 Initialisation (``init``): ``vocab`` copies the embeddings of ``k`` random vocabulary tokens (the
 paper's sampled-vocabulary init), ``text`` copies the embeddings of ``init_token_ids`` (cycled
 to ``k``), ``random`` draws from a normal with the embedding table's std.
-Not mergeable: it changes the input sequence, not a weight. Generation with a key/value cache
-is not supported yet.
+Not mergeable: it changes the input sequence, not a weight. Parameters: ``k x dim``.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
 
 from ...core.config import check, check_choice, check_number, method_config, BaseConfig
-from ...core.engine import unwrap, walk
 from ...core.errors import DeltatuneError
 from ...core.registry import Method, register
-from ...core.wrapper import Delta, DeltaLayer
-
-_HOOKS = "_deltatune_prompt_hooks"
-_PROMPT_LEN = "_deltatune_prompt_len"
+from . import plumbing
 
 
 @method_config
@@ -50,7 +42,7 @@ class PromptTuningConfig(BaseConfig):
                   "init='text' needs init_token_ids: the token ids of the initial text (tokenizer(text).input_ids)")
 
 
-class PromptDelta(Delta):
+class PromptDelta(plumbing.SequenceDelta):
     def __init__(self, embedding: nn.Embedding, cfg: PromptTuningConfig, loading: bool = False):
         super().__init__()
         k, (vocab, dim) = cfg.num_virtual_tokens, embedding.weight.shape
@@ -71,94 +63,12 @@ class PromptDelta(Delta):
                     ids = torch.tensor(cfg.init_token_ids)[torch.arange(k) % len(cfg.init_token_ids)]
                 self.prompt.copy_(w[ids.to(w.device)])
 
-    def forward(self, x, y, base):
-        return y        # the prompt enters through the host model's pre-hook
-
-
-def _host(model: nn.Module) -> tuple[nn.Module, str]:
-    """The outermost module that owns the input embedding, and that embedding's logical name."""
-    for _, module, _, _ in [("", model, None, "")] + list(walk(model)):
-        get = getattr(module, "get_input_embeddings", None)
-        if not callable(get) or isinstance(module, DeltaLayer):
-            continue
-        try:
-            emb = get()
-        except (NotImplementedError, AttributeError):
-            continue
-        if emb is None:
-            continue
-        for name, m, _, _ in walk(model):
-            if m is emb or unwrap(m) is unwrap(emb):
-                return module, name
-    raise DeltatuneError(f"prompt_tuning needs a model with an input embedding (a transformers model with "
-                         f"get_input_embeddings()); {type(model).__name__} has none")
+    def prepended(self) -> torch.Tensor:
+        return self.prompt
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    return [_host(model)[1]]
-
-
-def _prompt_layer(host: nn.Module) -> DeltaLayer | None:
-    emb = host.get_input_embeddings()
-    return emb if isinstance(emb, DeltaLayer) else None
-
-
-def _pre_hook(host: nn.Module, args: tuple, kwargs: dict):
-    layer = _prompt_layer(host)
-    prompts = [d.prompt for d in (layer.running() if layer is not None else []) if isinstance(d, PromptDelta)]
-    host.__dict__[_PROMPT_LEN] = 0
-    if not prompts:
-        return None
-    bound = inspect.signature(host.forward).bind_partial(*args, **kwargs).arguments
-    extra = bound.pop("kwargs", {}) or {}
-    kw = {**bound, **extra}
-    if kw.get("past_key_values") is not None:
-        raise DeltatuneError("prompt_tuning does not support generation with a key/value cache yet; "
-                             "call generate(..., use_cache=False)")
-    ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
-    if embeds is None:
-        if ids is None:
-            raise DeltatuneError("prompt_tuning needs input_ids or inputs_embeds")
-        embeds = layer(ids)
-    prompt = torch.cat(prompts).to(embeds.dtype)
-    n, k = embeds.shape[0], prompt.shape[0]
-    kw["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(n, -1, -1), embeds], dim=1)
-    fills = {"attention_mask": 1, "token_type_ids": 0, "labels": -100}
-    for key, fill in fills.items():
-        t = kw.get(key)
-        if t is not None and t.dim() >= 2:
-            kw[key] = torch.cat([torch.full((n, k), fill, dtype=t.dtype, device=t.device), t], dim=1)
-    if kw.get("position_ids") is not None:
-        raise DeltatuneError("prompt_tuning cannot combine with explicit position_ids; leave them to the model")
-    host.__dict__[_PROMPT_LEN] = k
-    return (), kw
-
-
-def _post_hook(host: nn.Module, args: tuple, kwargs: dict, output):
-    k = host.__dict__.get(_PROMPT_LEN, 0)
-    if not k:
-        return output
-    for key in ("last_hidden_state", "logits"):
-        t = output.get(key) if hasattr(output, "get") else None
-        if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            output[key] = t[:, k:]
-    return output
-
-
-def on_attach(model: nn.Module, name: str) -> None:
-    if _HOOKS in model.__dict__:
-        return
-    host, _ = _host(model)
-    model.__dict__[_HOOKS] = [host.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-                              host.register_forward_hook(_post_hook, with_kwargs=True)]
-
-
-def on_remove(model: nn.Module, name: str) -> None:
-    from ...core.engine import adapters
-    others = [n for n, c in adapters(model).items() if n != name and c.method == "prompt_tuning"]
-    if not others:
-        for h in model.__dict__.pop(_HOOKS, []):
-            h.remove()
+    return [plumbing.find_host(model, "prompt_tuning").embedding]
 
 
 def make_delta(base: nn.Module, kind: str, cfg: PromptTuningConfig, name: str, loading: bool = False):
@@ -185,6 +95,6 @@ PROMPT_TUNING = register(Method(
     changes_sequence=True,
     variants=[{"init": "random"}, {"init": "text", "init_token_ids": [7, 42, 101]}],
     identity_at_init=False,
-    on_attach=on_attach,
-    on_remove=on_remove,
+    on_attach=plumbing.on_attach,
+    on_remove=plumbing.on_remove,
 ))
