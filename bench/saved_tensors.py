@@ -16,7 +16,7 @@ import json
 import torch
 
 from deltatune.bench.speed import load_workload, training_configs
-from deltatune.core.io import atomic_write_bytes
+from deltatune.files import atomic_write_bytes
 
 
 def saved_mb(model: torch.nn.Module, loss_fn, batch) -> float:

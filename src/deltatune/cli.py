@@ -326,7 +326,7 @@ def _label_names(metrics: Path, num_labels: int) -> list[str] | None:
 def _write_head(folder: Path, head: Any, info: dict[str, Any]) -> None:
     from safetensors.torch import save as st_save
 
-    from .core.io import atomic_write_bytes
+    from .files import atomic_write_bytes
     head_bytes = st_save({"weight": head.weight.detach().contiguous().cpu(),
                           "bias": head.bias.detach().contiguous().cpu()}, metadata={"format": "pt"})
     atomic_write_bytes(folder / "classifier.safetensors", head_bytes)

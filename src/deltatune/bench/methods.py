@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import DeltatuneError
-from ..core.io import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..train.loop import BASELINES, METRICS_FILE
 from ..train.tasks import METRICS, is_known_task, task_kind
 

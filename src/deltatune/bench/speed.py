@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltatuneError
-from ..core.io import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..train.loop import peak_rss_mb
 
 HEAD = "classifier"

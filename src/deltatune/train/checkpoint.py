@@ -40,7 +40,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..core.errors import DeltatuneError
-from ..core.io import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "deltatune-checkpoint"
