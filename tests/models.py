@@ -1,6 +1,7 @@
-"""Models shared by the tests: the packaged MiniLM (real weights), a small Llama-layout causal
-LM built from a config, and a small CNN. Builders return fresh models; the MiniLM weights are
-read once per session."""
+"""Models shared by the tests: the packaged MiniLM and SmolLM2-135M (real weights), tiny models
+built from transformers configs (BERT in MiniLM's layout, Llama, GPT-2, ViT, the Audio
+Spectrogram Transformer) and a small CNN. Builders return fresh models; real weights are read
+once per session."""
 
 from __future__ import annotations
 
@@ -48,6 +49,53 @@ class Classifier(nn.Module):
 def minilm_classifier(num_labels: int = 5) -> Classifier:
     torch.manual_seed(0)
     return Classifier(copy.deepcopy(_minilm_encoder()), num_labels)
+
+
+def tiny_bert_classifier(num_labels: int = 5) -> Classifier:
+    """MiniLM's layout (BertModel with its pooler, masked mean pooling, a new classifier head) at a
+    tiny size, from a config."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return Classifier(transformers.BertModel(cfg), num_labels)
+
+
+def tiny_vit(num_labels: int = 4):
+    """ViT for 32x32 images in 8x8 patches, hidden 32, 2 layers."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, num_labels=num_labels)
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def tiny_ast(num_labels: int = 4):
+    """Audio Spectrogram Transformer on 32 mel bins x 64 frames (16x16 patches, stride 10: 2 x 5
+    patches), hidden 32, 2 layers."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ASTConfig(num_mel_bins=32, max_length=64, patch_size=16, frequency_stride=10, time_stride=10,
+                                 hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 num_labels=num_labels)
+    torch.manual_seed(0)
+    return transformers.ASTForAudioClassification(cfg)
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2():
+    pytest.importorskip("transformers")
+    from deltatune.core.errors import DeltatuneError
+    from deltatune.train.model import load_causal_lm
+    try:
+        model, _ = load_causal_lm("smollm2")
+    except DeltatuneError as e:
+        pytest.skip(f"the packaged SmolLM2 is not available: {e}")
+    return model
+
+
+def smollm2():
+    """The packaged SmolLM2-135M-Instruct (Llama layout, 30 layers, real weights), float32."""
+    return copy.deepcopy(_smollm2())
 
 
 def tiny_llama():
