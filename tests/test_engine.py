@@ -327,7 +327,7 @@ def test_prompt_tuning_extends_mask_and_keeps_output_aligned():
 
 
 def test_lora_dropout_mask_has_rate_p_and_independent_elements():
-    from deltatune.core.kernels import dropout_mask
+    from deltatune.kernels import dropout_mask
     torch.manual_seed(0)
     x = torch.zeros(512, 384)
     for p in (0.05, 0.1, 0.5):
@@ -358,10 +358,11 @@ class _Siblings(nn.Module):
 
 @pytest.mark.parametrize("split", [False, True], ids=["shared-input", "k-reads-another-tensor"])
 def test_shared_input_group_equals_separate_layers(split, monkeypatch):
+    from deltatune import kernels
     from deltatune.core import wrapper
     computed = []
-    original = wrapper.SharedInput.compute
-    monkeypatch.setattr(wrapper.SharedInput, "compute",
+    original = kernels.SharedInput.compute
+    monkeypatch.setattr(kernels.SharedInput, "compute",
                         lambda self, layer, x: computed.append(layer) or original(self, layer, x))
     results = []
     for fast in (True, False):

@@ -5,7 +5,9 @@ conformance suite (``test_fast_paths_equal_the_plain_definition``).
 - ``dropout_mask``: a fast Bernoulli mask (four 16-bit draws per 64-bit random word);
 - ``FusedLoraLinear``: ``y = x W^T + b + s (drop(x) A^T) B^T`` in one function, saving only what
   the backward needs;
-- ``FusedLoraGroup``: several LoRA layers reading one input (q/k/v, gate/up) in one pass.
+- ``FusedLoraGroup``: several LoRA layers reading one input (q/k/v, gate/up) in one pass;
+- ``SharedInput``: the engine's grouping of such sibling layers, which lets the first one called
+  compute all of their outputs (``grouped_forward``).
 
 A frozen weight stored compactly (a quantised base, ``deltatune.quant``) arrives as a float
 tensor carrying ``rebuild``: these functions keep that function for backward, not the tensor.
@@ -13,7 +15,13 @@ tensor carrying ``rebuild``: these functions keep that function for backward, no
 
 from __future__ import annotations
 
+import weakref
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .core.wrapper import DeltaLayer
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -145,3 +153,69 @@ class FusedLoraGroup(torch.autograd.Function):
             dx = gB @ A_cat if dx is None else dx.addmm_(gB, A_cat)
             dx = dx.reshape(ctx.x_shape)
         return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs)
+
+
+# Sibling layers that read the same input in the usual architectures: their adapted outputs can be
+# computed together, reading the input once (see SharedInput).
+SHARED_INPUT_SETS = ({"query", "key", "value"}, {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"},
+                     {"q", "k", "v"}, {"q_lin", "k_lin", "v_lin"}, {"w1", "w3"})
+
+
+class SharedInput:
+    """A group of sibling ``DeltaLayer``s (q/k/v, gate/up) that usually get the very same input
+    tensor. The first member called computes every member's output in one pass over the input
+    (its delta class's ``grouped_forward``) and leaves the others' outputs here; a member called
+    next with the same tensor, unchanged (same object, same version counter), takes its output.
+    A member called with anything else computes alone, so the result never depends on this, and
+    leaves the group: the architecture does not feed it the others' input.
+
+    The group holds its members and the last input weakly: a strong reference to the input would
+    keep that forward's graph (every saved activation) alive after the caller dropped it, and the
+    members hold the group, so strong references back would make a cycle that only the garbage
+    collector frees."""
+
+    def __init__(self, layers: list["DeltaLayer"]):
+        self.layers = [weakref.ref(m) for m in layers]
+        self.key: tuple | None = None
+        self.pending: dict[int, torch.Tensor] = {}
+        self.left: set[int] = set()
+
+    def output(self, layer: "DeltaLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output for ``x`` from the group, or None: compute it alone."""
+        if id(layer) in self.left or x.is_inference():     # inference tensors have no version counter
+            return None
+        k = self.key
+        if k is not None and k[0]() is x and k[1] == x._version and k[2] == torch.is_grad_enabled():
+            out = self.pending.pop(id(layer), None)
+            if out is not None:
+                return out
+        if id(layer) in self.pending:       # computed for an input this layer does not read
+            del self.pending[id(layer)]
+            self.left.add(id(layer))
+            return None
+        return self.compute(layer, x)
+
+    def compute(self, layer: "DeltaLayer", x: torch.Tensor) -> torch.Tensor | None:
+        """Every member's output for input ``x``, when they all run one fusable delta of the same
+        adapter and kind; else None."""
+        self.pending, self.key = {}, None
+        members = []
+        for ref in self.layers:
+            m = ref()
+            if m is None or (id(m) in self.left and m is not layer):
+                continue
+            deltas = m.running()
+            if m.per_sample is not None or len(deltas) != 1 or m.active != layer.active:
+                return None
+            members.append((m, deltas[0]))
+        if len(members) < 2:
+            return None
+        grouped = getattr(type(members[0][1]), "grouped_forward", None)
+        if grouped is None or any(type(d) is not type(members[0][1]) for _, d in members):
+            return None
+        outs = grouped([(d, m.base) for m, d in members], x)
+        if outs is None:
+            return None
+        self.pending = {id(m): o for (m, _), o in zip(members, outs) if m is not layer}
+        self.key = (weakref.ref(x), x._version, torch.is_grad_enabled())
+        return outs[[m for m, _ in members].index(layer)]

@@ -23,7 +23,8 @@ from .layers import layer_kind
 from .matching import _closest, _under, adapters, copies, match_modules, match_pattern, resolve_targets, \
     unwrap, walk, wrappers
 from .registry import Method, get_method
-from .wrapper import SHARED_INPUT_SETS, BiasDelta, DeltaLayer, ModuleCopies, SharedInput
+from ..kernels import SHARED_INPUT_SETS, SharedInput
+from .wrapper import BiasDelta, DeltaLayer, ModuleCopies
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 SHARED = "deltatune_shared"     # the root model's child holding adapter-level modules

@@ -9,10 +9,13 @@ weights is ``merged``. Nothing else is hidden.
 
 from __future__ import annotations
 
-import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..kernels import SharedInput
 
 
 # Methods may provide a fused forward that computes the frozen layer and the delta together
@@ -119,72 +122,6 @@ class BiasDelta(Delta):
         return merge_bias_shift(w2, b, self.bias, self.kind)
 
 
-# Sibling layers that read the same input in the usual architectures: their adapted outputs can be
-# computed together, reading the input once (see SharedInput).
-SHARED_INPUT_SETS = ({"query", "key", "value"}, {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"},
-                     {"q", "k", "v"}, {"q_lin", "k_lin", "v_lin"}, {"w1", "w3"})
-
-
-class SharedInput:
-    """A group of sibling ``DeltaLayer``s (q/k/v, gate/up) that usually get the very same input
-    tensor. The first member called computes every member's output in one pass over the input
-    (its delta class's ``grouped_forward``) and leaves the others' outputs here; a member called
-    next with the same tensor, unchanged (same object, same version counter), takes its output.
-    A member called with anything else computes alone, so the result never depends on this, and
-    leaves the group: the architecture does not feed it the others' input.
-
-    The group holds its members and the last input weakly: a strong reference to the input would
-    keep that forward's graph (every saved activation) alive after the caller dropped it, and the
-    members hold the group, so strong references back would make a cycle that only the garbage
-    collector frees."""
-
-    def __init__(self, layers: list["DeltaLayer"]):
-        self.layers = [weakref.ref(m) for m in layers]
-        self.key: tuple | None = None
-        self.pending: dict[int, torch.Tensor] = {}
-        self.left: set[int] = set()
-
-    def output(self, layer: "DeltaLayer", x: torch.Tensor) -> torch.Tensor | None:
-        """``layer``'s output for ``x`` from the group, or None: compute it alone."""
-        if id(layer) in self.left or x.is_inference():     # inference tensors have no version counter
-            return None
-        k = self.key
-        if k is not None and k[0]() is x and k[1] == x._version and k[2] == torch.is_grad_enabled():
-            out = self.pending.pop(id(layer), None)
-            if out is not None:
-                return out
-        if id(layer) in self.pending:       # computed for an input this layer does not read
-            del self.pending[id(layer)]
-            self.left.add(id(layer))
-            return None
-        return self.compute(layer, x)
-
-    def compute(self, layer: "DeltaLayer", x: torch.Tensor) -> torch.Tensor | None:
-        """Every member's output for input ``x``, when they all run one fusable delta of the same
-        adapter and kind; else None."""
-        self.pending, self.key = {}, None
-        members = []
-        for ref in self.layers:
-            m = ref()
-            if m is None or (id(m) in self.left and m is not layer):
-                continue
-            deltas = m.running()
-            if m.per_sample is not None or len(deltas) != 1 or m.active != layer.active:
-                return None
-            members.append((m, deltas[0]))
-        if len(members) < 2:
-            return None
-        grouped = getattr(type(members[0][1]), "grouped_forward", None)
-        if grouped is None or any(type(d) is not type(members[0][1]) for _, d in members):
-            return None
-        outs = grouped([(d, m.base) for m, d in members], x)
-        if outs is None:
-            return None
-        self.pending = {id(m): o for (m, _), o in zip(members, outs) if m is not layer}
-        self.key = (weakref.ref(x), x._version, torch.is_grad_enabled())
-        return outs[[m for m, _ in members].index(layer)]
-
-
 class DeltaLayer(nn.Module):
     def __init__(self, base: nn.Module, kind: str):
         super().__init__()
@@ -199,7 +136,7 @@ class DeltaLayer(nn.Module):
         # Set by dt.per_sample_adapters: one adapter name (or None) per sample of the batch.
         self.per_sample: list[str | None] | None = None
         # Set by the engine for q/k/v-like siblings (SharedInput).
-        self.shared: SharedInput | None = None
+        self.shared: "SharedInput | None" = None
 
     def running(self) -> list[Delta]:
         return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]

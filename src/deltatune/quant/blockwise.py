@@ -27,7 +27,7 @@ VeRA, IA3, PiSSA's SVD attach on top unchanged; the stored state is the packed c
 *buffers*, so nothing quantised is trainable and ``state_dict`` holds the compact form. The
 forward dequantises inside an autograd function that keeps the codes, not ``W~``, for the input
 gradient (the frozen base costs no float copy in backward), and the tensor the property returns
-carries ``rebuild`` so the fused LoRA kernels (``core.kernels``) do the same. The kind object
+carries ``rebuild`` so the fused LoRA kernels (``deltatune.kernels``) do the same. The kind object
 differs from a float Linear only where a weight is *written*: merging (``store``) either
 re-quantises and reports the error, or replaces the layer by a float ``nn.Linear``, as the caller
 of ``dt.merge(quantized=...)`` chose; the backup is the original module, so unmerge is exact.

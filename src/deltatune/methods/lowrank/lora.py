@@ -24,7 +24,7 @@ from torch import nn
 from ...core.config import BaseConfig, _normalise_pattern, check, check_choice, check_number, method_config
 from ...core.engine import pattern_value
 from ...core.errors import DeltatuneError
-from ...core.kernels import FusedLoraGroup, FusedLoraLinear, dropout_mask
+from ...kernels import FusedLoraGroup, FusedLoraLinear, dropout_mask
 from ...core.layers import channel_view, check_groups, merge_bias_shift, out_in, to_2d
 from ...core.registry import Method, register
 from ...core.wrapper import Delta
