@@ -99,6 +99,7 @@ class ModelCase:
     # what dt.merge / dt.unload must be told (a quantised base: keep merged weights in float32)
     merge_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     only_named_defaults: bool = False   # run only methods whose default targets are named patterns
+    variants: bool = True           # False: each method's defaults only (SmolLM2: minutes per case)
 
 
 _HEAD = {"trainable_modules": ["classifier"]}
@@ -118,7 +119,7 @@ MODELS: dict[str, ModelCase] = {
                            merge_options={"quantized": "dequantize"}),
     "minilm": ModelCase(minilm_classifier, minilm_batch, "bert", "tensor", extra={**_HEAD, "exclude": ["pooler"]},
                         slow=True),
-    "smollm2": ModelCase(smollm2, smollm2_batch, "llama", "logits", causal_lm=True, slow=True),
+    "smollm2": ModelCase(smollm2, smollm2_batch, "llama", "logits", causal_lm=True, slow=True, variants=False),
 }
 # the tiny model of each family: what decides at collection whether a method applies to a slow model
 PROXY = {"minilm": "bert", "smollm2": "llama"}
@@ -216,7 +217,7 @@ def all_cases() -> tuple[list, list]:
         method = dt.get_method(name)
         for variant in [{}] + list(method.variants):
             for key, case in MODELS.items():
-                if case.only_named_defaults and callable(method.default_targets):
+                if (case.only_named_defaults and callable(method.default_targets)) or (variant and not case.variants):
                     continue
                 vid = ",".join(f"{k}={v}" for k, v in variant.items() if k != "init_token_ids") or "defaults"
                 marks = [pytest.mark.slow] if case.slow else []
