@@ -271,7 +271,7 @@ def _post_hook(host: nn.Module, args: tuple, kwargs: dict, output):
             output["hidden_states"] = tuple(own(t) for t in output["hidden_states"])
     if call.drop_cache:
         for key in ("cache", "past_key_values"):
-            if output.get(key) is not None:
+            if key in output and output[key] is not None:       # `in`: no deprecated-name lookup
                 output[key] = None
     return output
 
