@@ -51,6 +51,7 @@ class WeightBackup:
 
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
+    """One kind of frozen layer: ``name`` is what methods see, ``matches`` picks its modules."""
     name: str
     matches: Callable[[nn.Module], bool]
 
