@@ -107,11 +107,12 @@ def test_importance_and_masking_match_the_papers_formulas():
         opt.step()
         opt.zero_grad()
         dt.step_hook(model, t)
+        s = {k: ema[k] * unc[k] for k in ema}
+        scores = torch.cat([s[n, "adalora_Lambda"] + s[n, "adalora_P"].mean(0) + s[n, "adalora_Q"].mean(1)
+                            for n in layers])
+        torch.testing.assert_close(torch.cat([d.triplet_scores() for d in layers.values()]), scores)
         reallocates = t == T - tfinal or (tinit < t < T - tfinal and (t - tinit) % deltaT == 0)
         if reallocates:
-            s = {k: ema[k] * unc[k] for k in ema}
-            scores = torch.cat([s[n, "adalora_Lambda"] + s[n, "adalora_P"].mean(0) + s[n, "adalora_Q"].mean(1)
-                                for n in layers])
             b = budget_reference(t, T, tinit, tfinal, 4 * 2, 2 * 2)
             want = torch.zeros(8, dtype=torch.bool)
             want[scores.argsort(descending=True)[:b]] = True
@@ -246,8 +247,9 @@ def test_minilm_training_ends_within_budget_and_the_ranks_reload():
     assert ranks(fresh) == kept
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch), unmerged, rtol=0, atol=1e-6)
-        dt.step_hook(fresh, 1)          # a frozen, loaded adapter keeps its ranks
+        dt.step_hook(fresh, T - 2)      # a reallocation step: a frozen, loaded adapter keeps its ranks
         assert ranks(fresh) == kept
+        assert torch.equal(fresh(**batch), unmerged)
         dt.merge(model)
         assert (model(**batch) - unmerged).abs().max() <= 1e-5
 
