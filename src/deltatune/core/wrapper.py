@@ -16,6 +16,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..kernels import SharedInput
+    from .layers import WeightBackup
 
 
 # Methods may provide a fused forward that computes the frozen layer and the delta together
@@ -132,7 +133,7 @@ class DeltaLayer(nn.Module):
         self.merged: list[str] = []
         # Exact copies of the base weight and bias taken at the first merge, so that unmerge
         # restores them bit-for-bit rather than by subtracting in floating point.
-        self.backup: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.backup: "WeightBackup | None" = None      # core.layers.WeightBackup
         # Set by dt.per_sample_adapters: one adapter name (or None) per sample of the batch.
         self.per_sample: list[str | None] | None = None
         # Set by the engine for q/k/v-like siblings (SharedInput).

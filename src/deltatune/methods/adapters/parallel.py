@@ -52,17 +52,22 @@ class ParallelAdapterConfig(BottleneckConfig):
               f"sublayers must be distinct entries of {list(SUBLAYERS)}, got {self.sublayers!r}")
 
 
-def hidden_size(block: nn.Module) -> int:
-    """``d``: the output width of the sub-layer's last linear layer (its output projection)."""
+def output_projection(block: nn.Module) -> nn.Module:
+    """The sub-layer's last linear layer: its output width is ``d``, its weight's dtype and device
+    the adapter's (the weight of a quantised base reads as its float compute weight)."""
     last = None
     for m in block.modules():
-        kind = layer_kind(m)
-        if kind in ("linear", "conv1d_gpt2"):
-            last = (m, kind)
+        if layer_kind(m) in ("linear", "conv1d_gpt2"):
+            last = m
     if last is None:
         raise DeltatuneError(f"parallel_adapter: {type(block).__name__} holds no Linear layer, so its width is "
                              f"unknown; target the sub-layer module (an MLP or attention block)")
-    return out_in(*last)[0]
+    return last
+
+
+def hidden_size(block: nn.Module) -> int:
+    last = output_projection(block)
+    return out_in(last, layer_kind(last))[0]
 
 
 def reads_residual(block: nn.Module) -> bool:
@@ -75,7 +80,7 @@ class ParallelAdapterDelta(Delta):
         super().__init__()
         d = hidden_size(block)
         m = bottleneck_size(d, cfg)
-        p = next(block.parameters())
+        p = output_projection(block).weight
         self.scaling = float(cfg.scaling)
         self.down = nn.Linear(d, m, dtype=p.dtype, device=p.device)
         self.act = ACTIVATIONS[cfg.activation]()
