@@ -33,7 +33,9 @@ from .lora_init import INITS, LORA_GA_GAMMA, RESIDUAL_INITS, calibrate, check_ca
 DEFAULT_TARGETS = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "t5": ["q", "v"], "vit": ["query", "value"],
+    "gpt2": ["c_attn"], "t5": ["q", "v"],
+    # ViT, AST: attention.attention.query/value before transformers 5, attention.q_proj/v_proj since
+    **{kind: ["query", "value", "q_proj", "v_proj"] for kind in ("vit", "audio-spectrogram-transformer")},
     # EfficientNet-Lite (deltatune.train.vision): the 1x1 convolutions, which mix channels like a
     # Linear; a depthwise kernel has one input channel per group, so a low-rank update of it is void
     "efficientnet_lite": ["_expand_conv", "_project_conv", "_conv_head"],
@@ -42,9 +44,8 @@ DEFAULT_TARGETS = {
 
 @method_config
 class LoraConfig(BaseConfig):
-    """LoRA. ``r`` rank, ``alpha`` scale numerator, ``dropout`` on the LoRA input, ``rslora``
-    scales by ``alpha/sqrt(r)``; ``rank_pattern``/``alpha_pattern`` map target patterns to
-    per-layer r/alpha; ``lora_ga_gamma`` is LoRA-GA's stable-scale gamma."""
+    """LoRA. ``r`` rank, ``alpha`` scale numerator, ``dropout`` on the LoRA input, ``rslora``: ``alpha/sqrt(r)``;
+    ``rank_pattern``/``alpha_pattern``: per-layer r/alpha by target pattern; ``lora_ga_gamma``: LoRA-GA's gamma."""
 
     magnitude_term: ClassVar[Any] = None     # a variant's norm, forward and merge: DoraConfig sets DoRA's
 
@@ -56,8 +57,7 @@ class LoraConfig(BaseConfig):
     init: str = "default"
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
-    # LoRA+ ("LoRA+: Efficient Low Rank Adaptation of Large Models"): B trains at this many times
-    # A's rate (the paper suggests 16); None trains both at the run's rate
+    # LoRA+ ("LoRA+: Efficient Low Rank Adaptation of Large Models"): B at this multiple of A's rate (paper: 16)
     loraplus_lr_ratio: float | None = None
     lora_ga_gamma: float = LORA_GA_GAMMA
 

@@ -130,7 +130,7 @@ def mean_weight_gradients(model: nn.Module, bases: list[nn.Module], names: list[
                     raise DeltatuneError(f"calibration batch {i}: the loss must be a scalar tensor that depends on "
                                          f"the model's weights, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
                 if not torch.isfinite(loss):
-                    raise DeltatuneError(f"calibration batch {i}: the loss is {float(loss)}; check the batch's labels")
+                    raise DeltatuneError(f"calibration batch {i}: the loss is {float(loss.detach())}; check its labels")
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for n, total, g in zip(names, sums, grads):
                 if g is None:
@@ -145,14 +145,16 @@ def mean_weight_gradients(model: nn.Module, bases: list[nn.Module], names: list[
     return [total / len(batches) for total in sums]
 
 
-def calibrate(model: nn.Module, name: str, batches: list[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> bool:
+def calibrate(model: nn.Module, name: str, batches: list[Any],
+              loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> bool:
     """``dt.calibrate``'s hook: LoRA-GA's gradient estimate and initialisation for every layer of
     adapter ``name``; False (no data used) for the other inits. Calibrating again restarts the
     adapter from the new estimate (its layers back to the frozen function)."""
     cfg = adapters(model)[name]
     if cfg.init != "lora_ga":
         return False
-    layers = [(n, w) for n, w in wrappers(model) if name in w.deltas and getattr(w.deltas[name], "init", None) == "lora_ga"]
+    layers = [(n, w) for n, w in wrappers(model)
+              if name in w.deltas and getattr(w.deltas[name], "init", None) == "lora_ga"]
     merged = [n for n, w in layers if name in w.merged]
     if merged:
         raise DeltatuneError(f"adapter {name!r} is merged into {merged[0]}; dt.unmerge(model) before dt.calibrate")
