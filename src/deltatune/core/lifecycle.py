@@ -163,7 +163,8 @@ def _group_shared_inputs(model: nn.Module) -> None:
 
 def _device(module: nn.Module) -> torch.device | None:
     # a quantised layer holds its weight in buffers (codes, scales), possibly with no parameter
-    p = next(iter(module.parameters()), None) or next(iter(module.buffers()), None)
+    p = next(iter(module.parameters()), None)
+    p = next(iter(module.buffers()), None) if p is None else p
     return None if p is None else p.device
 
 
