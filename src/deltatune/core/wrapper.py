@@ -139,6 +139,15 @@ class DeltaLayer(nn.Module):
         # Set by the engine for q/k/v-like siblings (SharedInput).
         self.shared: "SharedInput | None" = None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight: models read a layer's ``weight`` (its dtype, its shape)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def running(self) -> list[Delta]:
         return [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
 

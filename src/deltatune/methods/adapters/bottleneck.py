@@ -64,6 +64,10 @@ class BottleneckDelta(Delta):
         self.down = nn.Linear(out, m, dtype=w.dtype, device=w.device)
         self.act = ACTIVATIONS[cfg.activation]()
         self.up = nn.Linear(m, out, dtype=w.dtype, device=w.device)
+        # near-identity init (Houlsby et al.): small Gaussian weights, zero biases, W_up zero. A
+        # default (uniform) bias could exceed the small sub-layer outputs and leave every ReLU dead
+        nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 

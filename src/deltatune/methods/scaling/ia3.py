@@ -23,16 +23,20 @@ from ...core.registry import Method, register
 from ...core.wrapper import Delta
 
 _BERT_FF = r"re:.*layer\.\d+\.output\.dense"
+_VIT = ["attention.k_proj", "attention.v_proj", "mlp.fc2"]
 DEFAULT_TARGETS = {
     "bert": ["key", "value", _BERT_FF], "roberta": ["key", "value", _BERT_FF],
     "llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
     "qwen2": ["k_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"],
+    # ViT-style encoders (transformers' current layout: attention.k_proj/v_proj, mlp.fc2)
+    "vit": _VIT, "dinov2": _VIT, "audio-spectrogram-transformer": _VIT,
     # an MBConv block's expanded channels play the feed-forward's intermediate: rescale the input
     # of each projection (and of the head conv), as IA3 rescales the input of an FFN's down projection
     "efficientnet_lite": ["_project_conv", "_conv_head"],
 }
 DEFAULT_FEEDFORWARD = {"bert": [_BERT_FF], "roberta": [_BERT_FF], "llama": ["down_proj"],
                        "mistral": ["down_proj"], "qwen2": ["down_proj"], "gpt2": ["mlp.c_proj"],
+                       "vit": ["mlp.fc2"], "dinov2": ["mlp.fc2"], "audio-spectrogram-transformer": ["mlp.fc2"],
                        "efficientnet_lite": ["_project_conv", "_conv_head"]}
 
 
