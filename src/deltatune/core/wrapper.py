@@ -38,6 +38,10 @@ class Delta(nn.Module):
     # the layer then runs with ``p + diff`` in place of each ``p``, before any other delta applies
     overrides_parameters = False
 
+    # a delta whose output depends on the layer as the deltas before it left it (DoRA normalises
+    # that weight) sets this and gets ``preceding=``: those deltas in the order they act
+    reads_preceding = False
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -49,6 +53,17 @@ class Delta(nn.Module):
 
     def merge(self, w2: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+
+def fold(base: nn.Module, kind: str, deltas) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float64 2-D weight and bias of ``base`` with ``deltas`` folded in, in order (their
+    ``merge``): the layer as a later delta in a stack sees it."""
+    from .layers import to_2d
+    w2 = to_2d(base.weight, kind).double()
+    b = None if getattr(base, "bias", None) is None else base.bias.double()
+    for d in deltas:
+        w2, b = d.merge(w2, b)
+    return w2, b
 
 
 def stage(delta: Delta) -> int:
@@ -176,8 +191,12 @@ class DeltaLayer(nn.Module):
             if d.transforms_input:
                 x_in = d.transform_input(x_in)
         y = call_base(self.base, [d for d in deltas if d.overrides_parameters], x_in, *args, **kwargs)
-        for d in deltas:
-            y = d(x, y, self.base)
+        for i, d in enumerate(deltas):
+            if d.reads_preceding:
+                before = [e for j, e in enumerate(deltas) if j < i or (j > i and stage(e) < 2)]
+                y = d(x, y, self.base, preceding=sorted(before, key=stage))
+            else:
+                y = d(x, y, self.base)
         return y
 
     def forward_per_sample(self, x, *args, **kwargs):

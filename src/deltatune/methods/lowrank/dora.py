@@ -30,6 +30,7 @@ from torch import nn
 from ...core.config import method_config
 from ...core.layers import channel_view, out_in, to_2d
 from ...core.registry import Method, register
+from ...core.wrapper import fold
 from .lora import DEFAULT_TARGETS, LoraConfig, LoraDelta, calibrate, lr_multipliers, make_delta
 from .lora import expected_parameters as lora_expected_parameters
 
@@ -55,9 +56,18 @@ class MagnitudeTerm:
         return sq.clamp_min(0).sqrt().clamp_min(1e-12)
 
     @staticmethod
-    def forward(delta: LoraDelta, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        g = channel_view(delta.magnitude / MagnitudeTerm.norm(delta, base), y, delta.kind)
-        bias = getattr(base, "bias", None)
+    def forward(delta: LoraDelta, x: torch.Tensor, y: torch.Tensor, base: nn.Module, preceding=()) -> torch.Tensor:
+        """``(m / n) (y - b) + b + (m / n) s B A x``. Stacked after other deltas on the layer, DoRA
+        decomposes the weight they leave (``W'``, bias ``b'``, folded in float64 as merge does), so
+        forward and merge agree: ``n = ||W' + s B A||_c`` and only ``y - b'`` is rescaled."""
+        if preceding:
+            w_eff, b_eff = fold(base, delta.kind, preceding)
+            with torch.no_grad():
+                norm = (w_eff + delta.delta_2d()).norm(dim=1).clamp_min(1e-12).to(y.dtype)
+            bias = None if b_eff is None else b_eff.to(y.dtype)
+        else:
+            norm, bias = MagnitudeTerm.norm(delta, base), getattr(base, "bias", None)
+        g = channel_view(delta.magnitude / norm, y, delta.kind)
         y_no_bias = y if bias is None else y - channel_view(bias, y, delta.kind)
         return y + (g - 1) * y_no_bias + g * delta.lora_out(x, base)
 

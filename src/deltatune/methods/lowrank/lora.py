@@ -102,6 +102,7 @@ class LoraDelta(Delta):
         self.lora_A, self.lora_B = (nn.Parameter(torch.zeros(*shape, **like)) for shape in ((r, fan_in), (out, r)))
         self.lora_bias = nn.Parameter(torch.zeros(out, **like)) if bias else None
         self.term = magnitude_term
+        self.reads_preceding = magnitude_term is not None
         self.magnitude = None if self.term is None else nn.Parameter(self.term.initial(base, kind).to(**like))
         self.residual = init in RESIDUAL_INITS
         if self.residual:
@@ -171,8 +172,8 @@ class LoraDelta(Delta):
                    + [A for A, _ in factors] + [B for _, B in factors] + [d.lora_bias for d, _ in members])
         return FusedLoraGroup.apply(x, len(members), tuple(d.scale for d, _ in members), *tensors)
 
-    def forward(self, x, y, base):
-        y = y + self.lora_out(x, base) if self.term is None else self.term.forward(self, x, y, base)
+    def forward(self, x, y, base, preceding=()):
+        y = y + self.lora_out(x, base) if self.term is None else self.term.forward(self, x, y, base, preceding)
         if self.lora_bias is not None:
             y = y + channel_view(self.lora_bias, y, self.kind)
         return y
