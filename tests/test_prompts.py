@@ -310,7 +310,7 @@ def _smollm2():
     return model.eval(), tokenizer
 
 
-@pytest.mark.slow      # 170-215 s each measured on the shared 2-core machine (load average 9)
+@pytest.mark.slow      # 30-45 s each on a shared 2-core CPU (load average 3; 170-215 s at load 9)
 @pytest.mark.parametrize("method", METHODS)
 def test_smollm2_greedy_with_cache_equals_recomputation_and_reload(method, tmp_path):
     base, tokenizer = _smollm2()
