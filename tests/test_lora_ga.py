@@ -314,3 +314,12 @@ def test_deltatune_train_calibrates_and_resume_rebuilds_the_same_residual(tiny_m
     assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
     train(TrainArgs(method_options={"r": 2}, **{**base, "out": str(tmp_path / "plain")}))
     assert "calibrated" not in capsys.readouterr().out          # plain LoRA needs no data
+
+
+def test_a_quantised_base_is_refused_by_name():
+    """LoRA-GA needs dL/dW of a float weight; an nf4 layer's weight is rebuilt on each read."""
+    from models import tiny_llama
+    model = dt.quantize(tiny_llama(), "nf4")
+    with pytest.raises(dt.DeltatuneError, match="stored quantised"):
+        dt.attach(model, dt.config("lora", init="lora_ga", r=2))
+    assert not dt.core.engine.wrappers(model)

@@ -103,6 +103,12 @@ class ModelCase:
 
 
 _HEAD = {"trainable_modules": ["classifier"]}
+# (method, variant field=value, model): why the pair is refused by design (tested where refused)
+NOT_APPLICABLE = {
+    ("lora", "init=lora_ga", "llama_nf4"): "LoRA-GA needs the gradient of a float weight; a quantised base has "
+                                           "none, so attach refuses it (tests/test_lora_ga.py)",
+}
+
 MODELS: dict[str, ModelCase] = {
     "bert": ModelCase(tiny_bert_classifier, bert_batch, "bert", "tensor", extra={**_HEAD, "exclude": ["pooler"]}),
     "llama": ModelCase(tiny_llama, lm_batch, "llama", "logits", causal_lm=True),

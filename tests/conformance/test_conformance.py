@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 import deltatune as dt
-from cases import MODELS, REFUSED_CASES, RUN_CASES, STEPS, Case, config_kwargs, fresh_model, loss, model_input, output
+from cases import MODELS, NOT_APPLICABLE, REFUSED_CASES, RUN_CASES, STEPS, Case, config_kwargs, fresh_model, loss, model_input, output
 from deltatune.core import wrapper
 from deltatune.core.wrapper import DeltaLayer, ModuleCopies
 from expected_targets import SHARED_CHILD, NoSemantics, expected_targets, matches, walk, wrapped_by
@@ -187,6 +187,11 @@ def _lifecycle(case: Case, r: Record) -> None:
     if mc.needs and not hasattr(dt, mc.needs):
         r["skip"] = f"dt.{mc.needs} does not exist yet (another engineer is adding it)"
         return
+    refused = [why for (m, v, k), why in NOT_APPLICABLE.items()
+               if m == name and k == key and v in [f"{f}={x}" for f, x in case.variant_dict.items()]]
+    if refused:
+        r["skip"] = refused[0]
+        return
     method = dt.get_method(name)
     kw = config_kwargs(name, case.variant_dict, key)
     batch, target = mc.batch()
@@ -212,8 +217,8 @@ def _lifecycle(case: Case, r: Record) -> None:
     r["wrapped"] = wrapped_by(model, ADAPTER)
     r["trainable"] = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     r["trainable_outside"] = outside_trainable(model, ADAPTER)
-    if method.calibrate is not None:
-        dt.calibrate(model, [model_input(key, batch)])
+    if method.calibrate is not None:    # the case's own loss: classifiers' outputs carry none
+        dt.calibrate(model, [batch], loss_fn=lambda m, b: loss(m, key, b, target))
     with torch.no_grad():
         r["init_diff"] = (output(model, key, batch) - ref).abs().max().item()
         loss_before = loss(model, key, batch, target).item()

@@ -53,6 +53,10 @@ def check_rank(base: nn.Module, kind: str, r: int, init: str, layer: str | None 
     """Refuse, before anything is allocated, a rank the layer cannot use: ``B A`` has rank at most
     ``min(out, fan_in)``, so a larger ``r`` only adds parameters (and a huge one, e.g. a typo'd
     ``r=1000000000``, would try to allocate terabytes); LoRA-GA takes 2r singular vectors."""
+    if init == "lora_ga" and not isinstance(base.weight, nn.Parameter):
+        raise DeltatuneError(f"init='lora_ga' starts from the gradient of the layer's float weight, and "
+                             f"{layer or type(base).__name__} is stored quantised (dt.quantize), so it has none; "
+                             f"use another init (default, gaussian, pissa) on a quantised base")
     out, fan_in = out_in(base, kind)
     if (2 * r if init == "lora_ga" else r) > min(out, fan_in):
         what = f"layer {layer} ({type(base).__name__}" if layer else f"this layer ({type(base).__name__}"
