@@ -205,3 +205,33 @@ def test_kill_during_cli_training_then_resume_matches_uninterrupted(tmp_path):
     from safetensors.torch import load_file
     ta, tb = load_file(str(full / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)     # bit-identical adapters
+
+
+def _adalora_run():
+    import deltatune as dt
+    torch.manual_seed(0)
+    model = Toy()
+    dt.attach(model, dt.config("adalora", targets=["frozen"], init_r=4, target_r=2, total_step=10))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(20, 2))
+
+
+def test_adapter_buffers_resume_with_the_parameters(tmp_path):
+    """A rank mask pruned during training (a persistent buffer of the delta) comes back on resume;
+    without it the resumed run would compute with every singular value again."""
+    model, opt, sched = _adalora_run()
+    steps(model, opt, sched, 2)
+    mask = model.frozen.deltas["default"].adalora_mask
+    mask[1:3] = False                       # as AdaLoRA's schedule prunes
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, model, opt, sched, epoch=1, step=2, metrics=[], args={})
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert set(ckpt.buffers) == {"frozen.deltas.default.adalora_mask"}
+    fresh, fresh_opt, fresh_sched = _adalora_run()
+    restore(ckpt, fresh, fresh_opt, fresh_sched)
+    assert torch.equal(fresh.frozen.deltas["default"].adalora_mask, mask)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    other, other_opt, other_sched = make_run()      # a run without the adapter: refused by name
+    with pytest.raises(CheckpointError, match="adapter buffers|does not fit"):
+        restore(ckpt, other, other_opt, other_sched)

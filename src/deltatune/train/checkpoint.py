@@ -3,6 +3,9 @@
 The file ``checkpoint.safetensors`` holds, as tensors:
 
 - ``param/<name>``: every trainable parameter (the model's qualified names after attach);
+- ``buffer/<name>``: the saved (persistent) buffers of the adapters' deltas, trainable module
+  copies and adapter-level modules, which training may change (AdaLoRA's rank mask, BatchNorm
+  statistics of a trained head) or which came from data (LoRA-GA's residual);
 - ``optim/<name>/<key>``: the optimizer's per-parameter state tensors (AdamW: ``step``,
   ``exp_avg``, ``exp_avg_sq``);
 - ``rng/torch`` (and ``rng/cuda/<i>``): the RNG states as uint8 tensors;
@@ -68,6 +71,17 @@ class Checkpoint:
     def params(self) -> dict[str, torch.Tensor]:
         return {k[len("param/"):]: v for k, v in self.tensors.items() if k.startswith("param/")}
 
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {k[len("buffer/"):]: v for k, v in self.tensors.items() if k.startswith("buffer/")}
+
+
+def adapter_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of everything attach added (see the module doc), by qualified name."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in params and (
+        ".deltas." in k or ".copies." in k or k.startswith("deltatune_shared."))}
+
 
 # ----------------------------------------------------------------------------- atomic writes
 
@@ -120,6 +134,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     for n, p in model.named_parameters():
         if p.requires_grad and f"param/{n}" not in tensors and names[id(p)] == n:
             tensors[f"param/{n}"] = p.detach().cpu().contiguous().clone()
+    for n, b in adapter_buffers(model).items():
+        tensors[f"buffer/{n}"] = b.detach().cpu().contiguous().clone()
 
     groups, extra_state = [], {}
     for group in optimizer.param_groups:
@@ -214,10 +230,12 @@ def _check_layout(path: Path, bad: str, parsed: dict[str, Any], tensors: dict[st
                                                 f"the optimizer's parameters")
             need(t.dtype.is_floating_point, f"tensor {k} has dtype {t.dtype}; optimizer state is floating point")
             need(key not in state.get(name, {}), f"optimizer state {name}/{key} is stored twice")
+        elif kind == "buffer":
+            need(bool(rest), f"tensor {k!r} names no buffer")
         elif k == "rng/torch" or (kind == "rng" and re.fullmatch(r"cuda/[0-9]+", rest)):
             need(t.dtype == torch.uint8 and t.dim() == 1, f"tensor {k} must be a 1-D uint8 RNG state")
         else:
-            need(False, f"unexpected tensor {k!r} (a checkpoint holds param/, optim/ and rng/ tensors)")
+            need(False, f"unexpected tensor {k!r} (a checkpoint holds param/, buffer/, optim/ and rng/ tensors)")
     need("rng/torch" in tensors, "no torch RNG state")
     rng = tensors["rng/torch"]
     need(rng.numel() == rng_size, f"the torch RNG state has {rng.numel()} bytes, not {rng_size}")
@@ -364,6 +382,15 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
             raise CheckpointError(f"{ckpt.path}: parameter {n} has shape {tuple(t.shape)} in the checkpoint but "
                                   f"{tuple(params[n].shape)} in the model")
 
+    buffers, saved_buffers = adapter_buffers(model), ckpt.buffers
+    if saved_buffers and set(saved_buffers) != set(buffers):     # none saved: a checkpoint from before buffers
+        raise CheckpointError(f"{ckpt.path}: its adapter buffers {sorted(set(saved_buffers) ^ set(buffers))[:4]} do "
+                              f"not match this model's (was it written with other --model/--method options?)")
+    for n, t in saved_buffers.items():
+        if tuple(buffers[n].shape) != tuple(t.shape) or buffers[n].dtype.is_floating_point != t.dtype.is_floating_point:
+            raise CheckpointError(f"{ckpt.path}: buffer {n} has shape {tuple(t.shape)} ({t.dtype}) in the checkpoint "
+                                  f"but {tuple(buffers[n].shape)} ({buffers[n].dtype}) in the model")
+
     state_dict: dict[str, Any] | None = None
     if optimizer is not None:
         state_dict = _optimizer_state(ckpt, model, optimizer)
@@ -379,6 +406,8 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
     with torch.no_grad():
         for n, t in saved.items():
             params[n].copy_(t.to(dtype=params[n].dtype))
+        for n, t in saved_buffers.items():
+            buffers[n].copy_(t.to(dtype=buffers[n].dtype))
     if state_dict is not None:
         optimizer.load_state_dict(state_dict)
     if sched is not None:
