@@ -31,7 +31,7 @@ class Method:
     Training hooks (all optional; ``core.hooks`` calls them for every attached adapter, the same
     way from ``deltatune train``, a user's own loop or transformers' ``Trainer``):
     lr_multipliers(cfg) maps a parameter's own name (e.g. ``"lora_B"``) to a factor on the
-    learning rate (LoRA+); calibrate(model, name, batches) runs before training on a few batches
+    learning rate (LoRA+); calibrate(model, name, batches, loss_fn) runs before training on a few batches
     (data-driven initialisations); auxiliary_loss(model, name) returns a term added to the task
     loss (orthogonality regularisers, balance losses); on_step(model, name, step) runs after each
     optimizer step (rank schedules, trainable-set schedules).
