@@ -1,4 +1,4 @@
-"""The input / sequence hook (methods/prompts/plumbing.py) with prompt_tuning and prefix_tuning,
+"""The input / sequence hook (deltatune/sequence.py) with prompt_tuning and prefix_tuning,
 checked against their definitions written here:
 
 - a prompt equal to the embeddings of real tokens ``t`` must give, for the caller's tokens ``x``,

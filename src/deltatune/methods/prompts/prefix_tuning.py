@@ -9,7 +9,7 @@ value vectors ``V_l^P`` in front of the sequence's own, in every (key/value) hea
 
 so each layer's attention can read a learned context, where prompt tuning changes the input
 layer only. The trained table ``P`` is ``(layers, 2, kv_heads, k, head_dim)``; it enters the
-model as a transformers ``Cache`` pre-filled with each layer's prefix (``plumbing.py``: the
+model as a transformers ``Cache`` pre-filled with each layer's prefix (``deltatune.sequence``: the
 attention mask gets ``k`` ones in front, positions are shifted by ``k`` as after ``k`` cached
 tokens, and ``generate`` with a cache adds the prefix on its first step only). The engine wraps
 the input embedding, whose delta holds the table, so it is named, saved and activated like any
@@ -44,7 +44,7 @@ from torch import nn
 from ...core.config import check_choice, check_number, method_config, BaseConfig
 from ...core.errors import DeltatuneError
 from ...core.registry import Method, register
-from . import plumbing
+from ... import sequence
 
 
 @method_config
@@ -66,7 +66,7 @@ class PrefixTuningConfig(BaseConfig):
 class PrefixGeometry(nn.Module):
     """The adapter-level record of the model a prefix is for (no tensors: nothing is saved)."""
 
-    def __init__(self, geometry: plumbing.KVGeometry, host: nn.Module):
+    def __init__(self, geometry: sequence.KVGeometry, host: nn.Module):
         super().__init__()
         self.geometry = geometry
         self.host = weakref.ref(host)       # for the real-word initialisation only
@@ -76,7 +76,7 @@ class PrefixGeometry(nn.Module):
         return f"layers={g.num_layers}, kv_heads={g.kv_heads}, head_dim={g.head_dim}"
 
 
-class PrefixDelta(plumbing.SequenceDelta):
+class PrefixDelta(sequence.SequenceDelta):
     def __init__(self, embedding: nn.Embedding, cfg: PrefixTuningConfig, shared: PrefixGeometry, loading: bool):
         super().__init__()
         g, k = shared.geometry, cfg.num_virtual_tokens
@@ -99,7 +99,7 @@ class PrefixDelta(plumbing.SequenceDelta):
                 host = shared.host()
                 if host is None:
                     raise DeltatuneError("prefix_tuning init='vocab' needs the model it attaches to")
-                self.prefix.copy_(plumbing.real_token_prefix(host, ids))
+                self.prefix.copy_(sequence.real_token_prefix(host, ids))
             else:
                 self.prefix.normal_(0.0, 1.0)
 
@@ -125,12 +125,12 @@ class PrefixDelta(plumbing.SequenceDelta):
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    return [plumbing.find_host(model, "prefix_tuning").embedding]
+    return [sequence.find_host(model, "prefix_tuning").embedding]
 
 
 def shared_state(model: nn.Module, cfg: PrefixTuningConfig) -> PrefixGeometry:
-    host = plumbing.find_host(model, "prefix_tuning").module
-    return PrefixGeometry(plumbing.kv_geometry(model, "prefix_tuning"), host)
+    host = sequence.find_host(model, "prefix_tuning").module
+    return PrefixGeometry(sequence.kv_geometry(model, "prefix_tuning"), host)
 
 
 def make_delta(base: nn.Module, kind: str, cfg: PrefixTuningConfig, name: str, loading: bool = False,
@@ -143,7 +143,7 @@ def make_delta(base: nn.Module, kind: str, cfg: PrefixTuningConfig, name: str, l
 def expected_parameters(base: nn.Module, kind: str, cfg: PrefixTuningConfig, name: str) -> int:
     """``layers * 2 * kv_heads * head_dim * k``: the table (the file's size, and the trained size
     without the projection)."""
-    return plumbing.remembered_geometry(base, "prefix_tuning").numel(cfg.num_virtual_tokens)
+    return sequence.remembered_geometry(base, "prefix_tuning").numel(cfg.num_virtual_tokens)
 
 
 PREFIX_TUNING = register(Method(
@@ -164,6 +164,6 @@ PREFIX_TUNING = register(Method(
     variants=[{"init": "vocab"}],
     identity_at_init=False,
     shared_state=shared_state,
-    on_attach=plumbing.on_attach,
-    on_remove=plumbing.on_remove,
+    on_attach=sequence.on_attach,
+    on_remove=sequence.on_remove,
 ))

@@ -5,7 +5,7 @@ al., 2021).
 frozen model attends to them like real tokens: for tokens ``x_1..x_n`` with embeddings ``E x``,
 the model runs on ``[P; E x]`` with ``P`` the ``k x dim`` prompt. The engine wraps the model's
 input embedding so that the prompt is named, saved and activated like any delta; the shared
-sequence plumbing (``plumbing.py``) prepends it, extends the attention mask, token types, labels
+sequence plumbing (``deltatune.sequence``) prepends it, extends the attention mask, token types, labels
 and position ids, removes the ``k`` prompt positions from the outputs, and keeps generation with
 a key/value cache right (the prompt enters the cache on the first step only).
 
@@ -23,7 +23,7 @@ from torch import nn
 from ...core.config import check, check_choice, check_number, method_config, BaseConfig
 from ...core.errors import DeltatuneError
 from ...core.registry import Method, register
-from . import plumbing
+from ... import sequence
 
 
 @method_config
@@ -42,7 +42,7 @@ class PromptTuningConfig(BaseConfig):
                   "init='text' needs init_token_ids: the token ids of the initial text (tokenizer(text).input_ids)")
 
 
-class PromptDelta(plumbing.SequenceDelta):
+class PromptDelta(sequence.SequenceDelta):
     def __init__(self, embedding: nn.Embedding, cfg: PromptTuningConfig, loading: bool = False):
         super().__init__()
         k, (vocab, dim) = cfg.num_virtual_tokens, embedding.weight.shape
@@ -68,7 +68,7 @@ class PromptDelta(plumbing.SequenceDelta):
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    return [plumbing.find_host(model, "prompt_tuning").embedding]
+    return [sequence.find_host(model, "prompt_tuning").embedding]
 
 
 def make_delta(base: nn.Module, kind: str, cfg: PromptTuningConfig, name: str, loading: bool = False):
@@ -95,6 +95,6 @@ PROMPT_TUNING = register(Method(
     changes_sequence=True,
     variants=[{"init": "random"}, {"init": "text", "init_token_ids": [7, 42, 101]}],
     identity_at_init=False,
-    on_attach=plumbing.on_attach,
-    on_remove=plumbing.on_remove,
+    on_attach=sequence.on_attach,
+    on_remove=sequence.on_remove,
 ))

@@ -42,9 +42,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ...core.engine import unwrap, walk
-from ...core.errors import DeltatuneError
-from ...core.wrapper import Delta, DeltaLayer
+from .core.engine import unwrap, walk
+from .core.errors import DeltatuneError
+from .core.wrapper import Delta, DeltaLayer
 
 _HOOKS = "_deltatune_sequence_hooks"   # plain attribute on the root model
 _CALL = "_deltatune_sequence_call"     # plain attribute on the host: what the post-hook undoes
