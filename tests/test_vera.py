@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 import deltatune as dt
 from deltatune.core.engine import wrappers
-from deltatune.methods.lowrank import vera
 from models import minilm_classifier, tiny_llama
 
 
