@@ -1,3 +1,4 @@
+import families  # noqa: F401  (merges family_*.py into the formula and target tables)
 import pytest
 import torch
 
