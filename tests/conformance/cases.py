@@ -109,6 +109,10 @@ NOT_APPLICABLE = {
                                            "none, so attach refuses it (tests/test_lora_ga.py)",
 }
 
+# method -> config fields for the stacking suite's small host layers (test_stacking.Host: 16-24
+# features), for methods whose defaults need larger layers (a block size, a coefficient count)
+STACK_OPTIONS: dict[str, dict[str, Any]] = {}
+
 MODELS: dict[str, ModelCase] = {
     "bert": ModelCase(tiny_bert_classifier, bert_batch, "bert", "tensor", extra={**_HEAD, "exclude": ["pooler"]}),
     "llama": ModelCase(tiny_llama, lm_batch, "llama", "logits", causal_lm=True),

@@ -3,7 +3,8 @@
 A family of methods keeps its parameter-count formulas and its default-target roles in
 ``family_<name>.py`` beside this file (``FORMULAS``: registry name -> formula, as in formulas.py;
 ``DEFAULT_ROLES``: registry name -> {layout family: [roles]}, as in expected_targets.py;
-``NOT_APPLICABLE``: refused (method, variant, model) cases with the reason, as in cases.py). They are
+``NOT_APPLICABLE``: refused (method, variant, model) cases with the reason, as in cases.py;
+``STACK_OPTIONS``: config fields for the stacking suite's small layers, as in cases.py). They are
 merged here into the tables the suite reads, once, when conftest imports this module; a name
 stated twice is an error rather than a silent override.
 """
@@ -35,5 +36,6 @@ for _path in sorted(pathlib.Path(__file__).parent.glob("family_*.py")):
 import cases  # noqa: E402
 
 for _path in sorted(pathlib.Path(__file__).parent.glob("family_*.py")):
-    _merge(cases.NOT_APPLICABLE, getattr(importlib.import_module(_path.stem), "NOT_APPLICABLE", {}),
-           "refused cases", _path.name)
+    _module = importlib.import_module(_path.stem)
+    _merge(cases.NOT_APPLICABLE, getattr(_module, "NOT_APPLICABLE", {}), "refused cases", _path.name)
+    _merge(cases.STACK_OPTIONS, getattr(_module, "STACK_OPTIONS", {}), "stacking options", _path.name)

@@ -113,7 +113,7 @@ def test_an_output_delta_folds_alone_only_when_nothing_unmerged_runs_before_it()
 
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from cases import RUN_FIELDS  # noqa: E402
+from cases import RUN_FIELDS, STACK_OPTIONS  # noqa: E402
 
 
 class Host(nn.Module):
@@ -157,7 +157,7 @@ def _units() -> dict[str, tuple[str, dict]]:
         if not m.foldable and m.hook == "input":
             continue        # prompts and prefixes do not sit on a layer's weights
         fields = set(m.config_cls.__dataclass_fields__)
-        kw = {k: v for k, v in RUN_FIELDS.items() if k in fields}
+        kw = {**{k: v for k, v in RUN_FIELDS.items() if k in fields}, **STACK_OPTIONS.get(name, {})}
         if name == "ia3":
             units["ia3_out"] = (name, {**kw, "feedforward": []})
             units["ia3_in"] = (name, {**kw, "feedforward": ["target"]})
