@@ -199,8 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", parents=[common], help="list the registered methods with their papers and options")
 
-    i = sub.add_parser("inspect", parents=[common], help="list the modules of a model that methods can target")
-    i.add_argument("--model", default="minilm", help="'minilm' or a local Hugging Face model folder")
+    i = sub.add_parser(
+        "inspect", parents=[common],
+        help="list the modules of a model that methods can target, or diagnose an adapter or a full fine-tune "
+             "(norms, spectra, intruder dimensions of each weight update)",
+        description="Given a model (or nothing: minilm), list its modules that methods can target. Given the "
+                    "output folder of `deltatune train` (an adapter folder, or the checkpoint of --method full), "
+                    "print per layer the norm, effective rank and singular values of the weight update and its "
+                    "intruder dimensions ('LoRA vs Full Fine-tuning: An Illusion of Equivalence'); see "
+                    "docs/diagnostics.md.")
+    i.add_argument("target", nargs="?", default=None, metavar="FOLDER_OR_MODEL",
+                   help="an adapter folder or run folder of `deltatune train` (diagnosed), or a model: 'minilm' or "
+                        "a local Hugging Face folder (its targetable modules are listed; default minilm)")
+    i.add_argument("--model", default=None, help="the model whose targetable modules to list (the same as giving "
+                   "it as the argument)")
+    i.add_argument("--base", default=None, help="the base model the run was trained on (default: the model its "
+                   "metrics.json names, else minilm)")
+    i.add_argument("--k", type=int, default=None, help="how many top singular vectors of each tuned weight are "
+                   "tested for intruders (default 10)")
+    i.add_argument("--epsilon", type=float, default=None, help="cosine threshold of an intruder dimension "
+                   "(default 0.5)")
+    i.add_argument("--plot", default=None, metavar="DIR", help="write one PNG per adapter into this folder")
+    i.add_argument("--json", default=None, metavar="FILE", help="write the diagnosis as JSON to this file")
+    i.add_argument("--scale-intruders", type=float, default=None, metavar="FACTOR",
+                   help="merge the adapter and scale its intruder components by FACTOR in [0, 1] (0 removes "
+                        "them), then report the recount; with --out, save the edited merged model")
+    i.add_argument("--out", default=None, help="folder for the model edited by --scale-intruders (as "
+                   "`deltatune merge` writes it)")
+    i.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
 
     m = sub.add_parser("merge", parents=[common], help="fold an adapter into the model and save the full model")
     m.add_argument("--model", default="minilm", help="the base model the adapter was trained on")
@@ -269,12 +295,51 @@ def cmd_methods() -> int:
     return 0
 
 
+# the inspect options that apply only to a run folder being diagnosed
+_DIAGNOSE_OPTIONS = ("base", "k", "epsilon", "plot", "json", "scale_intruders", "out")
+
+
 def cmd_inspect(ns: argparse.Namespace) -> int:
+    """A run folder is diagnosed; a model (or nothing) has its targetable modules listed."""
+    if ns.target is not None and ns.model is not None:
+        raise DeltatuneError(f"give the model either as the argument ({ns.target!r}) or with --model "
+                             f"({ns.model!r}), not both")
+    target = ns.target if ns.target is not None else ns.model
+    kind = _inspect_target(target)
+    given = [f"--{o.replace('_', '-')}" for o in _DIAGNOSE_OPTIONS if getattr(ns, o) is not None]
+    if kind == "model":
+        if given:
+            raise DeltatuneError(f"{' '.join(given)} apply to an adapter or run folder of `deltatune train`, and "
+                                 f"{target or 'minilm'!r} is a model; give the folder to diagnose as the argument")
+        return _list_modules(target or "minilm")
+    return _inspect_run(ns, Path(target), kind)
+
+
+def _inspect_target(target: str | None) -> str:
+    """``adapter``, ``checkpoint`` (a baseline run) or ``model``; a folder that is none of them
+    is refused, naming what each would hold."""
+    from .core.io import CONFIG_FILE, WEIGHTS_FILE
+    from .train.checkpoint import CHECKPOINT_FILE
+    if target is None or not Path(target).is_dir():
+        return "model"      # minilm, or a path that resolve_model_path refuses by name
+    folder = Path(target)
+    if (folder / CONFIG_FILE).exists() or (folder / WEIGHTS_FILE).exists():
+        return "adapter"
+    if (folder / CHECKPOINT_FILE).exists():
+        return "checkpoint"
+    if (folder / "config.json").is_file():
+        return "model"
+    raise DeltatuneError(f"{folder}: neither an adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE}), the run folder of a "
+                         f"full fine-tune ({CHECKPOINT_FILE}) nor a model folder (config.json); give the --out folder "
+                         f"of `deltatune train`, or a model")
+
+
+def _list_modules(model_name: str) -> int:
     import deltatune as dt
     from .core.layers import layer_kind
     from .train.model import load_encoder
 
-    model = load_encoder(ns.model)
+    model = load_encoder(model_name)
     methods = {n: dt.get_method(n) for n in dt.available_methods()}
     rows = [("module", "type", "kind", "weight", "methods")]
     for name, module in model.named_modules():
@@ -299,6 +364,175 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             print(f"  {n} default targets: {', '.join(defaults)}")
     print("Models trained by `deltatune train` wrap this encoder as 'encoder' next to a 'classifier' head.")
     return 0
+
+
+def _run_record(folder: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` (what it was trained on), or {} without one."""
+    from .files import read_json_object
+    path = folder / "metrics.json"
+    return read_json_object(path) if path.is_file() else {}
+
+
+def _text_run(folder: Path, data: Any) -> None:
+    from .train.tasks import task_kind
+    if isinstance(data, str) and task_kind(data) != "text":
+        raise DeltatuneError(f"{folder} is a run on {data!r}, a {task_kind(data)} task; `deltatune inspect` rebuilds "
+                             f"the text classifiers of `deltatune train` only: load that model in Python and call "
+                             f"deltatune.diagnostics.diagnose(model)")
+
+
+def _inspect_run(ns: argparse.Namespace, folder: Path, kind: str) -> int:
+    from .diagnostics import FULL, _check_settings, diagnose, scale_intruders
+    from .files import atomic_write_bytes
+    from .train.model import MINILM
+
+    k = 10 if ns.k is None else ns.k
+    epsilon = 0.5 if ns.epsilon is None else ns.epsilon
+    _check_settings(k, epsilon)
+    if ns.out is not None and ns.scale_intruders is None:
+        raise DeltatuneError("--out saves the model edited by --scale-intruders; add --scale-intruders FACTOR (or use "
+                             "`deltatune merge` to save the merged model unedited)")
+    if ns.scale_intruders is not None and not 0 <= ns.scale_intruders <= 1:
+        raise DeltatuneError(f"--scale-intruders {ns.scale_intruders:g}: the factor must be in [0, 1] (0 removes the "
+                             f"intruder components, 1 keeps them)")
+    if ns.scale_intruders is not None and kind != "adapter":
+        raise DeltatuneError(f"--scale-intruders edits the merged weights of an adapter, and {folder} holds a "
+                             f"checkpoint but no adapter; give an adapter folder")
+    record = _run_record(folder)
+    output = None
+    if kind == "adapter":
+        from .core.io import read_adapter
+        meta, tensors = read_adapter(folder)      # a damaged folder is refused before any model loads
+        _text_run(folder, record.get("data"))
+        base = ns.base or record.get("model") or MINILM
+        if ns.out is not None:
+            output = _stage_edited(Path(ns.out), folder, base, ns.overwrite)
+    try:
+        if kind == "adapter":
+            import deltatune as dt
+            model, encoder, head = _adapter_model(folder, base, tensors)
+            name = dt.load_adapter(model, folder)
+            diag = diagnose(model, name, k, epsilon)
+            what = f"{meta.get('method')} adapter {name!r}"
+        else:
+            from .diagnostics import block_layers, diagnose_weights, matrix_modules
+            base_model, tuned, base = _full_models(folder, ns.base, record)
+            layers = block_layers(base_model) or [n for n in matrix_modules(base_model)
+                                                  if not n.startswith("classifier")]
+            diag = diagnose_weights(base_model, tuned, k, epsilon, modules=layers, label=FULL)
+            what = "full fine-tune (each weight matrix of the encoder's blocks against the base)"
+        print(f"{folder}: {what} on base {base}; k={k}, epsilon={epsilon:g}")
+        print(diag.table())
+        if ns.plot is not None:
+            for p in diag.plot(Path(ns.plot)):
+                print(f"plot: {p}")
+        report = diag.to_json()
+        if ns.scale_intruders is not None:
+            changed = scale_intruders(model, ns.scale_intruders, name, k, epsilon)
+            after = diagnose(model, name, k, epsilon)
+            print(f"scaled the intruder components by {ns.scale_intruders:g} in {len(changed)} layers of the merged "
+                  f"model: {after.intruders()} intruder dimensions now (were {diag.intruders()}; removing some can "
+                  f"bring others into the top {k})")
+            report["scaled"] = {"factor": ns.scale_intruders, "layers": [dataclasses.asdict(c) for c in changed],
+                                "after": after.to_json()}
+            if output is not None:
+                _write_edited(output, model, encoder, head, folder, base, meta, ns.scale_intruders)
+                print(f"saved the edited merged model to {ns.out}")
+            else:
+                print("nothing written: add --out DIR to save the edited merged model")
+        if ns.json is not None:
+            atomic_write_bytes(Path(ns.json), (json.dumps(report, indent=2) + "\n").encode())
+            print(f"json: {ns.json}")
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
+    return 0
+
+
+def _adapter_model(folder: Path, base: str, tensors: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(model, encoder, head weight or None): the base encoder, inside the classifier of
+    `deltatune train` when the adapter carries its head (as `deltatune merge` builds it)."""
+    from .train.model import TextClassifier, load_encoder
+    head = tensors.get("modules.classifier.weight")
+    if head is not None and head.dim() != 2:
+        raise DeltatuneError(f"{folder}: the classifier head weight has shape {tuple(head.shape)}; a linear head "
+                             f"needs (num_labels, hidden)")
+    encoder = load_encoder(base)
+    model = encoder if head is None else TextClassifier(encoder, int(head.shape[0]))
+    return model, encoder, head
+
+
+def _full_models(folder: Path, base_name: str | None, record: dict[str, Any]) -> tuple[Any, Any, str]:
+    """(base, tuned, base name) of a full fine-tune: the base classifier as training built it and
+    a copy holding the checkpoint's weights (safetensors, never unpickled)."""
+    import copy
+
+    import torch
+
+    from .train.checkpoint import load_checkpoint
+    from .train.model import MINILM, TextClassifier, load_encoder
+
+    ckpt = load_checkpoint(folder)
+    method = ckpt.args.get("method")
+    if method != "full":
+        why = ("a linear probe trains only the new head, so no weight of the encoder changed" if method == "head"
+               else f"it is a {method} run whose adapter files are missing (the run did not finish: --resume it)")
+        raise DeltatuneError(f"{folder}: the checkpoint is not of a full fine-tune (--method full): {why}")
+    _text_run(folder, ckpt.args.get("data", record.get("data")))
+    base = base_name or record.get("model") or ckpt.args.get("model") or MINILM
+    params = ckpt.params
+    head = params.get("classifier.weight")
+    if head is None or head.dim() != 2:
+        raise DeltatuneError(f"{ckpt.path}: no 2-D classifier.weight; it is not the checkpoint of a text classifier "
+                             f"trained by `deltatune train`")
+    base_model = TextClassifier(load_encoder(base), int(head.shape[0]))
+    tuned = copy.deepcopy(base_model)
+    own = dict(tuned.named_parameters())
+    for n, t in params.items():
+        if n not in own or tuple(own[n].shape) != tuple(t.shape):
+            have = "no such parameter" if n not in own else f"shape {tuple(own[n].shape)}"
+            raise DeltatuneError(f"{ckpt.path}: parameter {n} {tuple(t.shape)} does not fit base {base!r} ({have}); "
+                                 f"give the model the run was trained on with --base")
+    with torch.no_grad():
+        for n, t in params.items():
+            own[n].copy_(t)
+    return base_model, tuned, base
+
+
+def _stage_edited(out: Path, adapter: Path, base: str, overwrite: bool) -> Any:
+    """The staged --out of an edited model, checked before any model loads (as `deltatune merge`)."""
+    from .train.model import resolve_model_path
+    from .train.outputs import stage_output
+    for what, f in (("the base model", resolve_model_path(base)), ("the adapter", adapter)):
+        if f.exists() and _contains(out, f):
+            raise DeltatuneError(f"--out {out} would write over {what} ({f}); give a new folder for the edited model")
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and overwrite and not (out / "config.json").is_file():
+        raise DeltatuneError(f"--out {out}: holds files but no config.json, so it is not a model this command wrote; "
+                             f"--overwrite replaces only such a folder: give a new folder")
+    return stage_output(out, existing, overwrite, "files",
+                        "add --overwrite to replace that model, or give a new folder", always_stage=True)
+
+
+def _write_edited(output: Any, model: Any, encoder: Any, head: Any, adapter: Path, base: str,
+                  meta: dict[str, Any], factor: float) -> None:
+    import deltatune as dt
+    import torch
+
+    from .train.model import load_tokenizer
+    dt.unload(model, merge=True)
+    for n, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DeltatuneError(f"the edited model has non-finite values in {n}; nothing was written")
+    encoder.save_pretrained(str(output.work), safe_serialization=True)
+    load_tokenizer(base).save_pretrained(str(output.work))
+    if head is not None:
+        labels = _label_names(adapter / "metrics.json", int(head.shape[0]))
+        _write_head(output.work, model.classifier, {
+            "num_labels": int(head.shape[0]), "label_names": labels, "pooling": "masked mean", "adapter": str(adapter),
+            "method": meta.get("method"), "intruders_scaled_by": factor})
+    output.commit()
 
 
 def _contains(outer: Path, inner: Path) -> bool:
