@@ -111,22 +111,33 @@ def init_from_gradient(delta: nn.Module, gradient_2d: torch.Tensor, gamma: float
 
 def mean_weight_gradients(model: nn.Module, bases: list[nn.Module], names: list[str], batches: list[Any],
                           loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> list[torch.Tensor]:
-    """``dL/dW`` of each base layer's weight, averaged over ``batches``: one backward per batch
-    for all layers at once. ``torch.autograd.grad`` returns the gradients without writing any
-    ``.grad``; the weights require gradients only meanwhile; every module runs in eval mode (no
-    dropout noise, BatchNorm statistics untouched) and gets its own mode back afterwards."""
+    """``dL/dW`` of each base layer's weight, averaged over ``batches`` (``mean_gradients``); the
+    weights require gradients only meanwhile."""
     weights = [b.weight for b in bases]
     for n, w in zip(names, weights):
         if not w.is_floating_point():
             raise DeltatuneError(f"init='lora_ga' needs the gradient of {n}'s weight, stored as {w.dtype}; "
                                  f"use another init for a quantised layer")
     was_required = [w.requires_grad for w in weights]
-    modes = [(m, m.training) for m in model.modules()]
-    sums = [torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) for w in weights]
     try:
-        model.eval()
         for w in weights:
             w.requires_grad_(True)
+        return mean_gradients(model, weights, names, batches, loss_fn)
+    finally:
+        for w, required in zip(weights, was_required):
+            w.requires_grad_(required)
+
+
+def mean_gradients(model: nn.Module, tensors: list[torch.Tensor], names: list[str], batches: list[Any],
+                   loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> list[torch.Tensor]:
+    """``dL/dt`` of each tensor (requiring gradients) averaged over ``batches``: one backward per
+    batch for all at once. ``torch.autograd.grad`` returns the gradients without writing any
+    ``.grad``; every module runs in eval mode (no dropout noise, BatchNorm statistics untouched)
+    and gets its own mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    sums = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    try:
+        model.eval()
         for i, batch in enumerate(batches):
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
@@ -135,15 +146,13 @@ def mean_weight_gradients(model: nn.Module, bases: list[nn.Module], names: list[
                                          f"the model's weights, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
                 if not torch.isfinite(loss):
                     raise DeltatuneError(f"calibration batch {i}: the loss is {float(loss.detach())}; check its labels")
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
             for n, total, g in zip(names, sums, grads):
                 if g is None:
                     raise DeltatuneError(f"{n} got no gradient from the calibration loss (it does not take part in "
                                          f"computing it): exclude it from targets")
                 total += g
     finally:
-        for w, required in zip(weights, was_required):
-            w.requires_grad_(required)
         for m, training in modes:
             m.training = training
     return [total / len(batches) for total in sums]
