@@ -19,5 +19,15 @@ def nola(model, cfg, targets) -> int:
     return sum(cfg.k + cfg.l for _ in targets.values())
 
 
-FORMULAS = {"nola": nola}
-DEFAULT_ROLES = {"nola": _ATTENTION_QV}
+def randlora(model, cfg, targets) -> int:
+    """RandLoRA: ``n = ceil(d / r)`` bases, each with a diagonal Λ_i (r) and Γ_i (d) on the smaller
+    side ``d`` of the layer; the random A and B_i are frozen."""
+    total = 0
+    for t in targets.values():
+        d = min(out_and_in(t.module))
+        total += math.ceil(d / cfg.r) * (cfg.r + d)
+    return total
+
+
+FORMULAS = {"nola": nola, "randlora": randlora}
+DEFAULT_ROLES = {"nola": _ATTENTION_QV, "randlora": _ATTENTION_QV}
