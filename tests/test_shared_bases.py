@@ -212,3 +212,83 @@ def test_randlora_starts_at_the_model_and_saves_only_the_scalings(tmp_path):
     perturb(model, scale=0.01)
     size, trained = file_bound_and_reload(model, tmp_path, minilm_shaped, keys_absent=("randlora_A", "randlora_B"))
     assert trained == 4 * 12 * (32 + 384) * 4        # n = 384 / 32 bases of (r + d) scalings per layer
+
+
+# ----------------------------------------------------------------------------- ShareLoRA
+
+def test_sharelora_is_lora_with_one_a_per_projection_type_and_matches_peft():
+    """Every layer's q_proj uses one trained A (another for v_proj), each its own B; the real
+    ``peft`` LoRA with that A copied into every layer and our Bs gives the same outputs, and the
+    shared A's gradient is the sum of what PEFT's per-layer copies get."""
+    peft = pytest.importorskip("peft")
+    ours = tiny_llama().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(ours), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
+    dt.attach(ours, dt.config("sharelora", r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    perturb(ours)
+    holder = ours.deltatune_shared["default"]
+    assert sorted(n for n, _ in holder.named_parameters()) == [
+        "A__model__layers__self_attn__q_proj__4x64", "A__model__layers__self_attn__v_proj__4x64"]
+    layers = deltas(ours)
+    for name, d in layers.items():
+        kind = name.rsplit(".", 1)[1]
+        assert d.A is holder.get_parameter(f"A__model__layers__self_attn__{kind}__4x64")
+        assert [n for n, _ in d.named_parameters()] == ["lora_B"]
+        layer = theirs.get_submodule(f"base_model.model.{name}")
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(d.A)
+            layer.lora_B["default"].weight.copy_(d.B)
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    want, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want.square().mean().backward()
+    got.square().mean().backward()
+    for kind in ("q_proj", "v_proj"):
+        summed = sum(theirs.get_submodule(f"base_model.model.model.layers.{i}.self_attn.{kind}").lora_A["default"]
+                     .weight.grad for i in range(2))
+        torch.testing.assert_close(holder.get_parameter(f"A__model__layers__self_attn__{kind}__4x64").grad, summed)
+
+
+def test_sharelora_shared_factor_is_one_parameter_listed_once_and_saved_once(tmp_path):
+    model = minilm_shaped()
+    ref = copy.deepcopy(model)
+    dt.attach(model, dt.config("sharelora", targets=["query", "value"]))
+    b = bert_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**b), ref(**b))      # B = 0 at init
+    shared = dict(model.deltatune_shared["default"].named_parameters())
+    assert len(shared) == 2
+    ids = [id(p) for g in dt.parameter_groups(model, lr=1e-3) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == 2 + 4          # two shared As, four per-layer Bs
+    assert sum(id(p) == id(q) for p in model.parameters() for q in shared.values()) == 2
+    assert dt.count_parameters(model)[0] == 4 * 384 * 8 + 2 * 8 * 384
+    perturb(model, scale=0.01)
+    file_bound_and_reload(model, tmp_path, minilm_shaped)
+    with safe_open(os.path.join(tmp_path, "adapter.safetensors"), framework="pt") as f:
+        keys = sorted(f.keys())
+    assert [k for k in keys if k.startswith("shared.")] == [f"shared.{n}" for n in sorted(shared)]
+    assert len([k for k in keys if k.endswith("lora_B")]) == 4 and not [k for k in keys if k.endswith("lora_A")]
+
+
+@pytest.mark.parametrize("share, own, shared_names", [
+    ("B", ["lora_A"], ["B__transformer__h__attn__c_attn__192x8"]),
+    ("AB", [], ["A__transformer__h__attn__c_attn__8x64", "B__transformer__h__attn__c_attn__192x8"]),
+])
+def test_sharelora_can_share_b_or_both(share, own, shared_names):
+    model = tiny_gpt2().eval()
+    dt.attach(model, dt.config("sharelora", share=share))      # default targets: c_attn
+    layers = deltas(model)
+    assert len(layers) == 2
+    holder = model.deltatune_shared["default"]
+    assert sorted(n for n, _ in holder.named_parameters()) == shared_names
+    perturb(model)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    for name, d in layers.items():
+        assert [n for n, _ in d.named_parameters()] == own
+        w = model.get_submodule(name)
+        with torch.no_grad():     # GPT-2's Conv1D keeps its weight as (in, out)
+            torch.testing.assert_close(w(x), x @ (w.base.weight + (16 / 8) * (d.B @ d.A).T) + w.base.bias)
+    if share == "AB":
+        d0, d1 = layers.values()
+        assert torch.equal(d0.delta_weight(model.get_submodule("transformer.h.0.attn.c_attn").base),
+                           d1.delta_weight(model.get_submodule("transformer.h.1.attn.c_attn").base))

@@ -29,5 +29,24 @@ def randlora(model, cfg, targets) -> int:
     return total
 
 
-FORMULAS = {"nola": nola, "randlora": randlora}
-DEFAULT_ROLES = {"nola": _ATTENTION_QV, "randlora": _ATTENTION_QV}
+def _projection_type(name: str) -> str:
+    """A layer's projection type: its name with the layer indices taken out."""
+    return re.sub(r"\.\d+(?=\.|$)", "", name)
+
+
+def sharelora(model, cfg, targets) -> int:
+    """ShareLoRA: a shared factor counts once per projection type (and shape), the other once per
+    layer: share="A": ``out r`` per layer plus ``r in`` per type; "B": the converse; "AB": both per type."""
+    per_layer, per_type = 0, {}
+    for name, t in targets.items():
+        out, fan_in = out_and_in(t.module)
+        for which, size, shape in (("A", cfg.r * fan_in, fan_in), ("B", out * cfg.r, out)):
+            if which in cfg.share:
+                per_type[(which, _projection_type(name), shape)] = size
+            else:
+                per_layer += size
+    return per_layer + sum(per_type.values())
+
+
+FORMULAS = {"nola": nola, "randlora": randlora, "sharelora": sharelora}
+DEFAULT_ROLES = {"nola": _ATTENTION_QV, "randlora": _ATTENTION_QV, "sharelora": _ATTENTION_QV}
