@@ -16,3 +16,14 @@ def dylora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
 
 FORMULAS = {"dylora": dylora}
 DEFAULT_ROLES = {"dylora": _ATTENTION_QV}
+
+
+def increlora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
+    """IncreLoRA: P (out x max_r), λ (max_r) and Q (max_r x in), allocated at the most components
+    a layer may grow to (``max_r``, 4 x target_rank unless set); the mask says which are active."""
+    max_r = cfg.max_r if cfg.max_r is not None else 4 * cfg.target_rank
+    return sum(max_r * (sum(out_and_in(t.module)) + 1) for t in targets.values())
+
+
+FORMULAS["increlora"] = increlora
+DEFAULT_ROLES["increlora"] = _ATTENTION_QV

@@ -11,15 +11,16 @@ The paper's mode, ``frozen=True`` (the default): only the ``b``-th component (ro
 column ``b`` of B) is updated at that step; the ``b - 1`` before it take part in the forward but are
 held as they are, so component ``b`` learns what the leading ones leave, and the components come
 out ordered. Held exactly, whatever the optimizer: they get no gradient, and ``on_step`` puts back
-what momentum or weight decay moved (a copy of the factors is kept between steps for that; training
-state, never saved). ``frozen=False``: all of the first ``b`` components train. Outside training
-(eval, merge, a frozen loaded adapter) the full rank runs, with ``alpha / r``; ``truncate_rank(model,
-r')`` (``_nested_rank.py``) keeps the first ``r'`` components for good (then ``alpha / r'``).
+what momentum or weight decay moved (``_component_steps.py``). ``frozen=False``: all of the first
+``b`` components train. Outside training (eval, merge, a frozen loaded adapter) the full rank runs,
+with ``alpha / r``; ``truncate_rank(model, r')`` (``_nested_rank.py``) keeps the first ``r'``
+components for good (then ``alpha / r'``).
 
 ``b`` comes from the config's ``seed`` and the optimizer step (``dt.step_hook`` passes it; one ``b``
 per step for all the adapter's layers): a run draws the same ranks every time, and every forward of
 one step (gradient accumulation, recomputation) uses the same ``b``. A training forward after the
-factors changed with no ``dt.step_hook`` since raises (the rank would never move).
+factors changed with no ``dt.step_hook`` since raises (the rank would never move; seen by the
+tensors' version counters, which every PyTorch optimizer but the fused ones advances).
 
 Init as LoRA (``A`` Kaiming-uniform, ``B`` zero; an Embedding the other way round): the model is
 unchanged at init. Trained per layer: ``r (out + fan_in)`` (``r`` the current rank). The forward is
@@ -39,8 +40,11 @@ from ...core.engine import wrappers
 from ...core.errors import DeltatuneError
 from ...core.layers import check_groups, out_in
 from ...core.registry import Method, register
+from ._component_steps import Factor, remember, scale_last_update
 from ._nested_rank import NESTED_METHODS
 from .lora import DEFAULT_TARGETS, LoraDelta
+
+FACTORS = (Factor("lora_A", 0), Factor("lora_B", 1))
 
 
 @method_config
@@ -100,21 +104,19 @@ class DyLoraDelta(LoraDelta):
         B = torch.cat([B[:, :lead].detach(), B[:, lead:b]], dim=1)
         return A, B * (self.r / b)
 
-    @torch.no_grad()
     def begin(self) -> None:
         """Start of an optimizer step: remember the factors (frozen mode) and their versions."""
-        self.held = (self.lora_A.clone(), self.lora_B.clone()) if self.frozen else None
+        self.held = remember(self, FACTORS) if self.frozen else None
         self.seen, self.used = self._versions(), None
 
-    @torch.no_grad()
     def stepped(self, step: int) -> None:
         """After optimizer step ``step``: put back every component but the sampled one (frozen mode)."""
         if self.held is not None:
-            keep = torch.ones(self.r, dtype=torch.bool, device=self.lora_A.device)
+            w = torch.zeros(self.r)
             if self.used is not None:
-                keep[self.used - 1] = False
-            self.lora_A[keep] = self.held[0][keep]
-            self.lora_B[:, keep] = self.held[1][:, keep]
+                w[self.used - 1] = 1
+            for factor in FACTORS:
+                scale_last_update(self, self.held, factor, w)
         self.step = step
         self.begin()
 
