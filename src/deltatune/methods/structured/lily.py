@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +56,20 @@ class LilyConfig(BaseConfig):
         check_number("scaling", self.scaling)
 
 
-def role_and_layer(name: str) -> tuple[str, int]:
-    """The module's role (its name without layer indices, as a key) and its layer index (0 if none)."""
+class Placement(NamedTuple):
+    role: str       # the module's name without layer indices, as a key: the same module in every block
+    layer: int      # its layer index, the first integer name component (0 if none)
+
+
+class ProjectorKeys(NamedTuple):
+    lp: str
+    hp: str
+
+
+def placement(name: str) -> Placement:
     parts = name.split(".")
-    index = next((int(p) for p in parts if p.isdigit()), 0)
-    return re.sub(r"\W", "_", "_".join(p for p in parts if not p.isdigit())), index
+    return Placement(re.sub(r"\W", "_", "_".join(p for p in parts if not p.isdigit())),
+                     next((int(p) for p in parts if p.isdigit()), 0))
 
 
 class LilyProjectors(nn.Module):
@@ -72,16 +82,16 @@ class LilyProjectors(nn.Module):
         self.lp = nn.ParameterDict()
         self.hp = nn.ParameterDict()
 
-    def keys_for(self, name: str, out: int, fan_in: int, like: dict) -> tuple[str, str]:
-        role, layer = role_and_layer(name)
-        hp_key = f"{role}__{out}x{fan_in}"
-        lp_key = f"{hp_key}__{layer // self.stride}"
+    def keys_for(self, name: str, out: int, fan_in: int, like: dict) -> ProjectorKeys:
+        where = placement(name)
+        hp_key = f"{where.role}__{out}x{fan_in}"
+        lp_key = f"{hp_key}__{where.layer // self.stride}"
         if hp_key not in self.hp:
             self.hp[hp_key] = nn.Parameter(torch.zeros(self.n, out, self.r, **like))
         if lp_key not in self.lp:
             A = torch.empty(self.r, fan_in, **like)
             self.lp[lp_key] = nn.Parameter(nn.init.kaiming_uniform_(A, a=math.sqrt(5)))
-        return lp_key, hp_key
+        return ProjectorKeys(lp_key, hp_key)
 
 
 class LilyDelta(Delta):
@@ -92,17 +102,17 @@ class LilyDelta(Delta):
         like = weight_dtype(base)
         # a plain reference, not a submodule: the projectors belong to the adapter, listed once
         self.__dict__["projectors"] = shared
-        self.lp_key, self.hp_key = shared.keys_for(name, out, fan_in, like)
+        self.projector_keys = shared.keys_for(name, out, fan_in, like)
         router = torch.empty(cfg.num_experts, cfg.r, **like)
         self.lily_router = nn.Parameter(nn.init.kaiming_uniform_(router, a=math.sqrt(5)))
 
     @property
     def lily_A(self) -> torch.Tensor:
-        return self.projectors.lp[self.lp_key]
+        return self.projectors.lp[self.projector_keys.lp]
 
     @property
     def lily_HP(self) -> torch.Tensor:
-        return self.projectors.hp[self.hp_key]
+        return self.projectors.hp[self.projector_keys.hp]
 
     def routing(self, h: torch.Tensor) -> torch.Tensor:
         """The expert weights ``w (n,)``: the batch's mean routing distribution."""
