@@ -401,3 +401,13 @@ def test_lily_routing_depends_on_the_batch_so_it_neither_merges_nor_mixes_per_sa
     with pytest.raises(dt.DeltatuneError):
         with dt.per_sample_adapters(model, ["default", None]):
             model(input_ids=ids)
+
+
+@pytest.mark.parametrize("method", ["miss", "hira", "gralora"])
+def test_a_convolution_without_zero_padding_is_refused_at_attach_by_name(method):
+    model = small_cnn()
+    model.conv2.padding_mode = "reflect"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dt.DeltatuneError, match="'conv2' has padding_mode='reflect'"):
+        dt.attach(model, dt.config(method, targets=["conv2"], **({"r": 8} if method == "miss" else {})))
+    assert not list(wrappers(model)) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

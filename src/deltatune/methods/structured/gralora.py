@@ -34,6 +34,7 @@ from ...core.layers import out_in
 from ...core.registry import Method, register
 from ...core.weights import WeightDelta, weight_dtype
 from ..lowrank.lora import DEFAULT_TARGETS
+from ._blocks import check_padding
 
 
 @method_config
@@ -63,6 +64,7 @@ def block_sizes(n: int, k: int) -> list[int]:
 class GraloraDelta(WeightDelta):
     def __init__(self, base: nn.Module, kind: str, cfg: GraloraConfig, name: str):
         super().__init__()
+        check_padding(base, kind, "gralora", name)
         self.bind(base)
         self.kind, self.k = kind, cfg.k
         out, fan_in = out_in(base, kind)

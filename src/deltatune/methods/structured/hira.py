@@ -28,6 +28,7 @@ from ...core.layers import out_in
 from ...core.registry import Method, register
 from ...core.weights import WeightDelta, weight_dtype
 from ..lowrank.lora import DEFAULT_TARGETS
+from ._blocks import check_padding
 
 
 @method_config
@@ -41,8 +42,9 @@ class HiraConfig(BaseConfig):
 
 
 class HiraDelta(WeightDelta):
-    def __init__(self, base: nn.Module, kind: str, cfg: HiraConfig):
+    def __init__(self, base: nn.Module, kind: str, cfg: HiraConfig, name: str):
         super().__init__()
+        check_padding(base, kind, "hira", name)
         self.bind(base)
         self.kind = kind
         out, fan_in = out_in(base, kind)
@@ -61,7 +63,7 @@ class HiraDelta(WeightDelta):
 
 def make_delta(base: nn.Module, kind: str, cfg: HiraConfig, name: str, loading: bool = False,
                shared: None = None) -> HiraDelta:
-    return HiraDelta(base, kind, cfg)
+    return HiraDelta(base, kind, cfg, name)
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: HiraConfig, name: str) -> int:

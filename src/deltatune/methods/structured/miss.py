@@ -41,6 +41,7 @@ from ...core.layers import out_in
 from ...core.registry import Method, register
 from ...core.weights import WeightDelta, weight_dtype
 from ..lowrank.lora import DEFAULT_TARGETS
+from ._blocks import check_padding
 
 MODES = ("miss", "mini", "bat")
 
@@ -80,6 +81,7 @@ def shard_shape(out: int, fan_in: int, cfg: MissConfig, name: str) -> tuple[int,
 class MissDelta(WeightDelta):
     def __init__(self, base: nn.Module, kind: str, cfg: MissConfig, name: str):
         super().__init__()
+        check_padding(base, kind, "miss", name)
         self.bind(base)
         self.kind, self.r, self.mode = kind, cfg.r, cfg.mode
         self.out, self.fan_in = out_in(base, kind)
