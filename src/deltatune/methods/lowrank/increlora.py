@@ -10,9 +10,9 @@ code). Layers start at ``init_r`` (1, the paper's). A layer's importance per ste
 ``top_h`` best layers get ``incre_rank_num`` components each, until the total is ``target_rank`` x layers.
 Advance learning: each layer holds ``incre_rank_num`` reserve components, next in line, whose P, Q
 train from the start with λ fixed at 1e-5 (outputs barely move; Adam, blind to a gradient's scale,
-learns their directions); a chosen layer's reserve becomes active (λ trainable from 1e-5: nothing
-jumps), the next slots its reserve; at the budget reserves are dropped (``advance_learning=False``:
-new components start at λ = 0). Restart warmup: a parameter joining training at an allocation (an
+learns their directions); a chosen layer's reserve becomes active (λ trainable from 1e-5, the scale
+now alpha / (k + 1)), the next slots its reserve; at the budget reserves are dropped
+(``advance_learning=False``: new components start at λ = 0). Restart warmup: a parameter joining training at an allocation (an
 activated λ; the new reserve's P, Q, or the activated ones' without advance learning) has its rate
 warmed up again over ``restart_warmup`` steps (``_component_steps.py``). Fixed shapes: factors
 allocated at ``max_r``, saved buffers ``increlora_mask`` and ``increlora_reserve`` saying what runs;
