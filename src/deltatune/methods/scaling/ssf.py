@@ -56,9 +56,10 @@ class SSFConfig(BaseConfig):
 
 
 def _check_norm(base: nn.Module, name: str) -> None:
-    missing = ("it normalises over channels, not its last dimensions" if not isinstance(base, nn.LayerNorm)
-               else "it has no affine weight" if base.weight is None
-               else "it has no bias to take the shift β" if base.bias is None else None)
+    missing = ("it has no affine weight" if getattr(base, "weight", None) is None
+               else "it has no bias to take the shift β" if getattr(base, "bias", None) is None
+               else None if isinstance(base, nn.LayerNorm)
+               else "only a LayerNorm's γ ⊙ x̂ + β over the last dimensions is known to fold exactly")
     if missing:
         raise DeltatuneError(f"ssf on {name} ({type(base).__name__}): {missing}, so the scale and shift cannot fold "
                              f"into it; target the layer after it instead (or exclude {name})")
