@@ -308,10 +308,10 @@ def reference_importance(model, x, y):
     return {n: float((u.detach() * u.grad).abs().sum() / math.sqrt(u.numel())) for n, u in updates.items()}
 
 
-@pytest.mark.parametrize("incre_rank_num", [1, 2])
-def test_increlora_ranks_grow_where_the_papers_importance_says_up_to_the_budget(incre_rank_num):
-    model = increlora_toy(incre_rank_num=incre_rank_num)
-    budget, beta, max_r = 3 * 3, 0.85, 4
+@pytest.mark.parametrize("incre_rank_num,target_rank", [(1, 3), (2, 3), (2, 2)])
+def test_increlora_ranks_grow_where_the_papers_importance_says_up_to_the_budget(incre_rank_num, target_rank):
+    model = increlora_toy(incre_rank_num=incre_rank_num, target_rank=target_rank)
+    budget, beta, max_r = target_rank * 3, 0.85, 4
     model.train()
     opt = torch.optim.AdamW(dt.parameter_groups(model, lr=1e-2))
     x, y = batch()
@@ -335,6 +335,9 @@ def test_increlora_ranks_grow_where_the_papers_importance_says_up_to_the_budget(
                     expected[n] += add
                     room -= add
         dt.step_hook(model, step)
+        for n, d in deltas(model).items():          # Ī and Ū as the paper's formulas give them
+            assert math.isclose(float(d.importance), ema[n], rel_tol=1e-4, abs_tol=1e-12), (step, n)
+            assert math.isclose(float(d.uncertainty), unc[n], rel_tol=1e-4, abs_tol=1e-12), (step, n)
         got = ranks(model)
         assert got == expected, (step, got, expected)
         assert sum(got.values()) <= budget and max(got.values()) <= max_r
