@@ -11,8 +11,9 @@ the adapter, and training rescales them with a trained diagonal and one trained 
 
 Our reading of the paper, checked against its released code: ``L_r = L[:, :r]``, ``U_r = U[:r]`` and
 ``P`` are frozen, ``d`` (``r``) starts at the pivots ``d₀ = D[:r]`` and ``z`` at ``z₀ = alpha / r``, so
-the model is unchanged at init (``W_res + z₀ P L_r D_r U_r = W``). The paper trains the diagonal
-and the scale (the released code's parameter filter picks the diagonal only). Here ``W`` is never
+the model is unchanged at init (``W_res + z₀ P L_r D_r U_r = W``). Both the diagonal and the scale
+train here (the released code makes the scale a parameter, but its filter of trained parameters
+picks the diagonal only; a frozen scale is ``z = z₀`` throughout). Here ``W`` is never
 modified: the delta adds ``ΔW = P L_r diag(z d - z₀ d₀) U_r``, zero at init, the same function
 with the same gradients.
 

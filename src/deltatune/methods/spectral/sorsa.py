@@ -16,7 +16,7 @@ is carried by ``S_p``; it enters through ``dt.auxiliary_loss``, summed over the 
 
     L_reg = gamma Σ_layers (||U_pᵀ U_p - I||²_F + ||V_pᵀ V_p - I||²_F)
 
-(zero at init up to rounding). ``gamma`` is the paper's 4e-4; its released trainer adds the
+(zero at init up to rounding). ``gamma`` is the released recipe's 4e-4; its trainer adds the
 regulariser's gradient scaled by ``gamma / lr`` to the task gradient (the regulariser on its own
 rate); a loss term cannot see the rate, so here ``gamma`` weighs the term itself.
 

@@ -67,8 +67,8 @@ class SvftConfig(BaseConfig):
             check_number("seed", self.seed, kind=int, low=0)
 
 
-def positions(cfg: SvftConfig, k: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the trained entries of ``M (k, k)``, row-major."""
+def positions(cfg: SvftConfig, k: int, name: str) -> torch.Tensor:
+    """The trained entries of ``M (k, k)`` as COO indices ``(2, entries)`` (rows; columns), row-major."""
     if cfg.pattern == "random":
         per_row = PER_ROW if cfg.per_row is None else cfg.per_row
         if per_row > k:
@@ -78,11 +78,10 @@ def positions(cfg: SvftConfig, k: int, name: str) -> tuple[torch.Tensor, torch.T
         digest = hashlib.sha256(f"deltatune-svft:{seed}:{name}:{k}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         cols = torch.stack([torch.randperm(k, generator=g)[:per_row].sort().values for _ in range(k)])
-        return torch.arange(k).repeat_interleave(per_row), cols.reshape(-1)
+        return torch.stack([torch.arange(k).repeat_interleave(per_row), cols.reshape(-1)])
     band = 0 if cfg.pattern == "plain" else (OFF_DIAG if cfg.off_diag is None else cfg.off_diag)
     i = torch.arange(k)
-    rows, cols = ((i[:, None] - i[None, :]).abs() <= band).nonzero(as_tuple=True)
-    return rows, cols
+    return ((i[:, None] - i[None, :]).abs() <= band).nonzero().T
 
 
 class SvftDelta(WeightDelta):
@@ -94,11 +93,10 @@ class SvftDelta(WeightDelta):
         self.k = full.S.shape[0]
         frozen(self, "svft_U", full.U, base)
         frozen(self, "svft_Vh", full.Vh, base)
-        rows, cols = positions(cfg, self.k, name)
-        device = weight_dtype(base)["device"]
-        self.register_buffer("svft_rows", rows.to(device), persistent=False)
-        self.register_buffer("svft_cols", cols.to(device), persistent=False)
-        self.svft_M = nn.Parameter(torch.zeros(rows.numel(), **weight_dtype(base)))
+        entries = positions(cfg, self.k, name).to(weight_dtype(base)["device"])
+        self.register_buffer("svft_rows", entries[0], persistent=False)
+        self.register_buffer("svft_cols", entries[1], persistent=False)
+        self.svft_M = nn.Parameter(torch.zeros(entries.shape[1], **weight_dtype(base)))
 
     def coefficients(self, dtype: torch.dtype) -> torch.Tensor:
         """``M`` as a dense ``(k, k)`` matrix, zero off the pattern."""
