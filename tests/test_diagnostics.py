@@ -374,6 +374,23 @@ def test_cli_inspect_refusals(lora_run, full_run, tiny_model, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_inspect_full_runs_without_their_last_weights(full_run, tiny_model, tmp_path, capsys):
+    """A baseline keeps its weights only in the checkpoint of a complete epoch: a run cut inside
+    its first has none (refused), one cut later is diagnosed at its last checkpoint (said so)."""
+    import shutil
+    cut = tmp_path / "cut"
+    shutil.copytree(full_run, cut)
+    metrics = json.loads((cut / "metrics.json").read_text())
+    metrics["steps"] += 5
+    (cut / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert cli.main(["inspect", str(cut), "--base", str(tiny_model)]) == 0
+    assert f"holds the weights after epoch 1 (step {metrics['steps'] - 5})" in capsys.readouterr().out
+    (cut / "checkpoint.safetensors").unlink()
+    assert cli.main(["inspect", str(cut)]) == 2
+    assert "stopped (--budget-seconds) inside its first" in capsys.readouterr().err
+
+
 def test_cli_inspect_a_model_still_lists_its_modules(tiny_model, capsys):
     for argv in (["inspect", str(tiny_model)], ["inspect", "--model", str(tiny_model)]):
         assert cli.main(argv) == 0

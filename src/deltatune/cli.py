@@ -329,6 +329,11 @@ def _inspect_target(target: str | None) -> str:
         return "checkpoint"
     if (folder / "config.json").is_file():
         return "model"
+    if (folder / "metrics.json").is_file():
+        raise DeltatuneError(f"{folder}: a run folder with metrics.json but neither adapter files nor {CHECKPOINT_FILE}: "
+                             f"a baseline run (--method full) keeps its weights only in the checkpoint of a complete "
+                             f"epoch, and this run stopped (--budget-seconds) inside its first; train at least one whole "
+                             f"epoch, then inspect it")
     raise DeltatuneError(f"{folder}: neither an adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE}), the run folder of a "
                          f"full fine-tune ({CHECKPOINT_FILE}) nor a model folder (config.json); give the --out folder "
                          f"of `deltatune train`, or a model")
@@ -416,11 +421,13 @@ def _inspect_run(ns: argparse.Namespace, folder: Path, kind: str) -> int:
             what = f"{meta.get('method')} adapter {name!r}"
         else:
             from .diagnostics import block_layers, diagnose_weights, matrix_modules
-            base_model, tuned, base = _full_models(folder, ns.base, record)
+            base_model, tuned, base, note = _full_models(folder, ns.base, record)
             layers = block_layers(base_model) or [n for n in matrix_modules(base_model)
                                                   if not n.startswith("classifier")]
             diag = diagnose_weights(base_model, tuned, k, epsilon, modules=layers, label=FULL)
             what = "full fine-tune (each weight matrix of the encoder's blocks against the base)"
+            if note:
+                print(note)
         print(f"{folder}: {what} on base {base}; k={k}, epsilon={epsilon:g}")
         print(diag.table())
         if ns.plot is not None:
@@ -463,9 +470,10 @@ def _adapter_model(folder: Path, base: str, tensors: dict[str, Any]) -> tuple[An
     return model, encoder, head
 
 
-def _full_models(folder: Path, base_name: str | None, record: dict[str, Any]) -> tuple[Any, Any, str]:
-    """(base, tuned, base name) of a full fine-tune: the base classifier as training built it and
-    a copy holding the checkpoint's weights (safetensors, never unpickled)."""
+def _full_models(folder: Path, base_name: str | None, record: dict[str, Any]) -> tuple[Any, Any, str, str | None]:
+    """(base, tuned, base name, note) of a full fine-tune: the base classifier as training built
+    it and a copy holding the checkpoint's weights (safetensors, never unpickled); the note says
+    when the run trained past its last checkpoint (a partial epoch cut by its time budget)."""
     import copy
 
     import torch
@@ -497,7 +505,12 @@ def _full_models(folder: Path, base_name: str | None, record: dict[str, Any]) ->
     with torch.no_grad():
         for n, t in params.items():
             own[n].copy_(t)
-    return base_model, tuned, base
+    steps = record.get("steps")
+    note = None
+    if isinstance(steps, int) and steps > ckpt.step:
+        note = (f"note: {ckpt.path.name} holds the weights after epoch {ckpt.epoch} (step {ckpt.step}); the run went on "
+                f"to step {steps} in an epoch cut by its time budget, which a baseline run does not save")
+    return base_model, tuned, base, note
 
 
 def _stage_edited(out: Path, adapter: Path, base: str, overwrite: bool) -> Any:

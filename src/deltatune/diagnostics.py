@@ -507,10 +507,11 @@ def short_names(names: list[str]) -> list[str]:
 
 
 def write_plot(diag: Diagnosis, adapter: str, path: str | os.PathLike, max_values: int = 64) -> Path:
-    """A PNG for one adapter: left, the top ``max_values`` singular values of ``ΔW`` per layer
-    (a heat map, log colour scale; grey where a value is zero to the layer's numerical rank; a
-    red tick at the effective rank), right, the intruder count per layer. Written atomically
-    (matplotlib's Agg canvas, no display or global backend needed)."""
+    """A PNG for one adapter: left, the top singular values of ``ΔW`` per layer (twice the
+    largest numerical rank, at least 16, at most ``max_values``; a heat map, log colour scale;
+    grey where a value is zero to the layer's numerical rank; a red tick at the effective rank),
+    right, the intruder count per layer. Written atomically (matplotlib's Agg canvas, no display
+    or global backend needed)."""
     import matplotlib
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -521,7 +522,9 @@ def write_plot(diag: Diagnosis, adapter: str, path: str | os.PathLike, max_value
     rows = diag.rows(adapter)
     if not rows:
         raise DeltatuneError(f"no diagnosed layer for adapter {adapter!r}; diagnosed: {', '.join(diag.adapters())}")
-    n_values = max(1, min(max_values, max(len(r.singular_values) for r in rows)))
+    # twice the largest rank (at least 16) shows where a low-rank update ends without a wall of grey
+    shown = max(16, 2 * max(r.numerical_rank for r in rows))
+    n_values = max(1, min(max_values, shown, max(len(r.singular_values) for r in rows)))
     grid = np.full((len(rows), n_values), np.nan)
     for i, r in enumerate(rows):
         keep = min(r.numerical_rank, n_values)
