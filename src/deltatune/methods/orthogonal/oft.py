@@ -7,9 +7,10 @@ acts on the input side::
 
     W2' = W2 R,        ΔW = W2 (R - I)
 
-(the paper's ``R`` is this ``Rᵀ``; PEFT rotates the same side, ``x -> x R`` before the frozen layer,
-so adapters of the two compare value for value). The output side is left alone because the
-paper's invariant is about neurons: each keeps its norm and every pair its angle.
+(the paper's ``R`` is this ``Rᵀ``; PEFT rotates the same side, feeding ``x Rᵀ`` to the frozen
+layer, and the same ``Q`` gives the same ``R``, so adapters of the two compare value for value).
+The output side is left alone because the paper's invariant is about neurons: each keeps its norm
+and every pair its angle.
 
 ``R = diag(R_1, ..., R_r)`` is block-diagonal, each block the Cayley transform
 ``R_i = (I + Q_i)(I - Q_i)^-1`` of a skew-symmetric ``Q_i`` (``b x b``), orthogonal for any ``Q_i``.
@@ -21,9 +22,12 @@ only ``Q``.
 Blocks: ``block_size`` ``b`` or ``r`` blocks per layer (``b = fan_in / r``, which must divide), one
 of the two, as in PEFT's OFTConfig. A ``block_size`` that does not divide ``fan_in`` leaves one
 last, smaller block of the remaining ``fan_in mod b`` features (a layer narrower than ``b`` is one
-block). ``block_share``: one ``Q`` for every block. COFT (``coft``, the paper's constrained
-variant, ``‖R - I‖`` kept small): after each optimizer step every block's ``‖Q_i‖_F`` is projected
-back onto ``eps / sqrt(blocks)`` (the ``on_step`` hook). A convolution is rotated on its 2-D view,
+block), so the default serves every layer, a 3 x 3 convolution over 3 channels (27 features)
+included, where PEFT would silently pick another block size; ``r`` and ``block_share`` need equal
+blocks and refuse a layer they cannot split, naming it and valid values. ``block_share``: one
+``Q`` for every block. COFT (``coft``, the paper's constrained variant, ``‖R - I‖`` kept small):
+after each optimizer step every block's ``Q_i`` is projected into the ball ``‖Q_i‖_F <= eps /
+sqrt(blocks)`` (the ``on_step`` hook). A convolution is rotated on its 2-D view,
 ``fan_in = in_channels / groups x kernel``.
 
 Parameters per layer: ``⌊fan_in / b⌋ b(b-1)/2 + c(c-1)/2`` with ``c = fan_in mod b``; ``b(b-1)/2``
