@@ -14,10 +14,6 @@ def dylora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
     return sum(cfg.r * sum(out_and_in(t.module)) for t in targets.values())
 
 
-FORMULAS = {"dylora": dylora}
-DEFAULT_ROLES = {"dylora": _ATTENTION_QV}
-
-
 def increlora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
     """IncreLoRA: P (out x max_r), λ (max_r) and Q (max_r x in), allocated at the most components
     a layer may grow to (``max_r``, 4 x target_rank unless set); the mask says which are active."""
@@ -25,5 +21,5 @@ def increlora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
     return sum(max_r * (sum(out_and_in(t.module)) + 1) for t in targets.values())
 
 
-FORMULAS["increlora"] = increlora
-DEFAULT_ROLES["increlora"] = _ATTENTION_QV
+FORMULAS = {"dylora": dylora, "increlora": increlora}
+DEFAULT_ROLES = {"dylora": _ATTENTION_QV, "increlora": _ATTENTION_QV}      # the papers adapt attention (LoRA's q, v)
