@@ -22,4 +22,6 @@ def increlora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
 
 
 FORMULAS = {"dylora": dylora, "increlora": increlora}
-DEFAULT_ROLES = {"dylora": _ATTENTION_QV, "increlora": _ATTENTION_QV}      # the papers adapt attention (LoRA's q, v)
+# DyLoRA adapts LoRA's query and value; IncreLoRA defaults to them too, as adalora here (its paper
+# adapts every projection of a block: pass targets for that)
+DEFAULT_ROLES = {"dylora": _ATTENTION_QV, "increlora": _ATTENTION_QV}
