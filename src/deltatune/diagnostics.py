@@ -146,7 +146,8 @@ class Diagnosis:
             if i == 0:
                 text.append("  ".join("-" * w for w in widths))
         for t in self.totals():
-            text.append(f"adapter {t.adapter} ({t.method}): {t.intruders} intruder dimensions in {t.layers_with_intruders} "
+            who = "full fine-tune" if t.method == FULL else f"adapter {t.adapter} ({t.method})"
+            text.append(f"{who}: {t.intruders} intruder dimensions in {t.layers_with_intruders} "
                         f"of {t.layers} layers (top {self.k} left singular vectors of each tuned weight, |cos| < "
                         f"{self.epsilon:g} with every singular vector of the base weight); mean |dW|/|W0| "
                         f"{t.mean_relative_norm:.3e}, mean effective rank {t.mean_effective_rank:.2f}")
@@ -562,7 +563,8 @@ def write_plot(diag: Diagnosis, adapter: str, path: str | os.PathLike, max_value
     bx.grid(True, axis="x", alpha=0.3)
     method = ",".join(sorted({r.method for r in rows}))
     total = sum(counts)
-    fig.suptitle(f"adapter {adapter} ({method}): {total} intruder dimensions in {sum(1 for c in counts if c)} of "
+    who = "full fine-tune" if method == FULL else f"adapter {adapter} ({method})"
+    fig.suptitle(f"{who}: {total} intruder dimensions in {sum(1 for c in counts if c)} of "
                  f"{len(rows)} layers", fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
