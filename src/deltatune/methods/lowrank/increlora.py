@@ -21,9 +21,9 @@ gradient (stored λ reset to 0 after each step). Init: λ zero, P and Q Gaussian
 authors' code; the paper: Gaussian): unchanged at init up to the reserves' 1e-5 term. Trained per layer,
 pre-allocated: ``max_r (out + fan_in + 1)``. Regulariser (``dt.auxiliary_loss``): ``orth_reg_weight x
 mean over layers of ||PᵀP - I||²_F + ||QQᵀ - I||²_F`` on the components that train. Defaults: the
-paper's; tinit and restart_warmup one interval, as its recipe; deltaT unset spreads the rounds over
-the first half of ``total_step``; max_r unset: 4 x target_rank.
-"""
+paper's; tinit, restart_warmup one interval as its recipe; deltaT unset spreads the rounds over the
+first half of ``total_step``; max_r unset: 4 x target_rank; targets LoRA's q, v as adalora.py (the
+paper adapts every projection of a block: pass ``targets``)."""
 
 from __future__ import annotations
 
