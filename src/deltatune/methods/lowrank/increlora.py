@@ -1,29 +1,29 @@
 """IncreLoRA, from "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient
 Fine-tuning" (Zhang et al., 2023).
 
-AdaLoRA's SVD-like update, grown a component at a time instead of pruned: ``W' = W + (alpha / k) P
-diag(λ ⊙ m) Q`` on the 2-D view, P (out, max_r), λ (max_r,), Q (max_r, fan_in), ``m`` marking the
-layer's ``k`` active components, its first (``alpha / k``: with the rank it has now, as the authors'
-code). Layers start at ``init_r`` (1, the paper's). A layer's importance per step: ``I = Σ |ΔW ⊙
-∂L/∂ΔW| / sqrt(out fan_in)`` (over the step's backward passes), smoothed as AdaLoRA (``Ī = β1 Ī + (1 -
-β1) I``, ``Ū = β2 Ū + (1 - β2) |I - Ī|``, score ``Ī Ū``). Every ``deltaT`` steps after ``tinit`` the
-``top_h`` best layers get ``incre_rank_num`` components each, until the total is ``target_rank`` x layers.
-Advance learning: each layer holds ``incre_rank_num`` reserve components, next in line, whose P, Q
-train from the start with λ fixed at 1e-5 (outputs barely move; Adam, blind to a gradient's scale,
-learns their directions); a chosen layer's reserve becomes active (λ trainable from 1e-5, the scale
-now alpha / (k + 1)), the next slots its reserve; at the budget reserves are dropped
-(``advance_learning=False``: new components start at λ = 0). Restart warmup: a parameter joining training at an allocation (an
-activated λ; the new reserve's P, Q, or the activated ones' without advance learning) has its rate
-warmed up again over ``restart_warmup`` steps (``_component_steps.py``). Fixed shapes: factors
-allocated at ``max_r``, saved buffers ``increlora_mask`` and ``increlora_reserve`` saying what runs;
-the optimizer never needs rebuilding, and other components get λ = 0 in the forward, hence no
-gradient (stored λ reset to 0 after each step). Init: λ zero, P and Q Gaussian of std 0.02 (the
-authors' code; the paper: Gaussian): unchanged at init up to the reserves' 1e-5 term. Trained per layer,
-pre-allocated: ``max_r (out + fan_in + 1)``. Regulariser (``dt.auxiliary_loss``): ``orth_reg_weight x
-mean over layers of ||PᵀP - I||²_F + ||QQᵀ - I||²_F`` on the components that train. Defaults: the
-paper's; tinit, restart_warmup one interval as its recipe; deltaT unset spreads the rounds over the
-first half of ``total_step``; max_r unset: 4 x target_rank; targets LoRA's q, v as adalora.py (the
-paper adapts every projection of a block: pass ``targets``)."""
+AdaLoRA's SVD-like update, grown a component at a time instead of pruned: ``W' = W + (alpha / k) P diag(λ ⊙ m) Q``
+on the 2-D view, P (out, max_r), λ (max_r,), Q (max_r, fan_in), ``m`` marking the layer's ``k`` active components,
+its first (``alpha / k``: with the rank it has now, as the authors' code). Layers start at ``init_r`` (1, the
+paper's). A layer's importance per step: ``I = Σ |ΔW ⊙ ∂L/∂ΔW| / sqrt(out fan_in)`` (over the step's backward
+passes), smoothed as AdaLoRA (``Ī = β1 Ī + (1 - β1) I``, ``Ū = β2 Ū + (1 - β2) |I - Ī|``, score ``Ī Ū``). Every
+``deltaT`` steps after ``tinit`` the ``top_h`` best layers get ``incre_rank_num`` components each, until the total
+is ``target_rank`` x layers.
+
+Advance learning: each layer holds ``incre_rank_num`` reserve components, next in line, whose P, Q train from the
+start with λ fixed at 1e-5 (outputs barely move; Adam, blind to a gradient's scale, learns their directions); a
+chosen layer's reserve becomes active (λ trainable from 1e-5, the scale now alpha / (k + 1)), the next slots its
+reserve; at the budget reserves are dropped (with ``advance_learning=False`` new components start at λ = 0). Restart
+warmup: a parameter joining training at an allocation (an activated λ; the new reserve's P, Q, or the activated
+ones' without advance learning) has its rate warmed up again over ``restart_warmup`` steps (``_component_steps``).
+
+Fixed shapes: factors allocated at ``max_r``, saved buffers ``increlora_mask`` and ``increlora_reserve`` saying what
+runs; the optimizer never needs rebuilding, and other components get λ = 0 in the forward, hence no gradient (stored
+λ reset to 0 after each step). Init: λ zero, P and Q Gaussian of std 0.02 (the authors' code; the paper: Gaussian):
+unchanged at init up to the reserves' 1e-5 term. Trained per layer, pre-allocated: ``max_r (out + fan_in + 1)``.
+Regulariser (``dt.auxiliary_loss``): ``orth_reg_weight x mean over layers of ||PᵀP - I||²_F + ||QQᵀ - I||²_F`` on
+the components that train. Defaults: the paper's; tinit, restart_warmup one interval as its recipe; deltaT unset
+spreads the rounds over the first half of ``total_step``; max_r unset: 4 x target_rank; targets LoRA's q, v as
+adalora.py (the paper adapts every projection of a block: pass ``targets``)."""
 
 from __future__ import annotations
 
