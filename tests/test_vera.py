@@ -84,3 +84,13 @@ def test_the_matrices_are_one_adapter_level_module_that_moves_with_the_model():
     assert not any("deltatune_shared" in n for n, _ in dt.trainable_parameters(model))
     state = dt.core.io.adapter_state(model, "default")
     assert not [k for k in state if k.startswith("shared.")]      # regenerated, so not saved
+
+
+def test_an_adapter_with_shared_state_on_a_sequential_model():
+    """The adapter-level holder is a child of the root: a Sequential root runs it as a no-op."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model(x)
+        dt.attach(model, dt.config("vera", r=4, targets=["0", "2"]))
+        torch.testing.assert_close(model(x), before)

@@ -20,13 +20,12 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
-import types
 import typing
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from torch import nn
 
+from ..checks import _check_value, check, check_choice, check_number  # noqa: F401  (methods import them from here)
 from .errors import DeltatuneError
 
 
@@ -96,71 +95,10 @@ class BaseConfig:
         return cls(**d)
 
 
-# Torch sizes are int64: an integer field beyond this cannot describe a tensor, and would fail
-# deep inside an allocation with an OverflowError instead of naming the field.
-INT_LIMIT = 2 ** 63 - 1
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:       # an int too large for a float
-        return False
-
-
 @functools.lru_cache(maxsize=None)
 def _field_hints(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
-
-
-_NUMERIC = (float, int, bool)
-
-
-def _check_value(field: str, value: Any, hint: Any) -> None:
-    """``value`` against the annotation ``hint`` for the numeric kinds a config stores (float,
-    int, bool, optionally ``None``, and lists or dicts of them). Strings and pattern lists are
-    left to ``_pattern_list`` and the method's ``validate``, which also accept a single pattern
-    or an ``nn.Module`` class."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if value is None and len(inner) < len(args):
-            return
-        if len(inner) == 1:
-            _check_value(field, value, inner[0])
-        return
-    if hint is float:
-        if not _is_number(value):
-            raise DeltatuneError(f"{field} must be a number, got {value!r}")
-        if not _finite(value):
-            raise DeltatuneError(f"{field} must be a finite number, got {value!r}")
-    elif hint is int:
-        if not _is_int(value):
-            raise DeltatuneError(f"{field} must be an int, got {value!r}")
-        if abs(value) > INT_LIMIT:
-            raise DeltatuneError(f"{field}={value} is out of range: must be at most {INT_LIMIT}")
-    elif hint is bool:
-        if not isinstance(value, bool):
-            raise DeltatuneError(f"{field} must be True or False, got {value!r}")
-    elif origin is list and args and args[0] in _NUMERIC:
-        if not isinstance(value, (list, tuple)):
-            raise DeltatuneError(f"{field} must be a list, got {value!r}")
-        for i, v in enumerate(value):
-            _check_value(f"{field}[{i}]", v, args[0])
-    elif origin is dict and len(args) == 2 and args[1] in _NUMERIC:
-        if not isinstance(value, dict):
-            raise DeltatuneError(f"{field} must be a dict, got {value!r}")
-        for k, v in value.items():
-            _check_value(f"{field}[{k!r}]", v, args[1])
 
 
 def check_field_types(cfg: "BaseConfig") -> None:
@@ -169,32 +107,6 @@ def check_field_types(cfg: "BaseConfig") -> None:
     within int64, bools real bools. Ranges are the method's ``validate``."""
     for name, hint in _field_hints(type(cfg)).items():
         _check_value(name, getattr(cfg, name), hint)
-
-
-def check(cond: bool, message: str) -> None:
-    if not cond:
-        raise DeltatuneError(message)
-
-
-def check_choice(field: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise DeltatuneError(f"{field}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
-
-
-def check_number(field: str, value: Any, *, kind: type = float, low: float | None = None,
-                 high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
-    ok_type = _is_int(value) if kind is int else _is_number(value)
-    if not ok_type:
-        raise DeltatuneError(f"{field} must be {'an int' if kind is int else 'a number'}, got {value!r}")
-    if kind is int and abs(value) > INT_LIMIT:
-        raise DeltatuneError(f"{field}={value} is out of range: must be at most {INT_LIMIT}")
-    if kind is not int and not _finite(value):
-        # NaN compares False with every bound, so it would pass the range checks below
-        raise DeltatuneError(f"{field} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise DeltatuneError(f"{field}={value} is out of range: must be {'>' if low_open else '>='} {low}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise DeltatuneError(f"{field}={value} is out of range: must be {'<' if high_open else '<='} {high}")
 
 
 # Hugging Face PEFT's names for our fields, so that a PEFT user's muscle memory gets a hint.

@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 
 from ..files import (_read_tensors, atomic_write_bytes, check_float_tensor, json_type,  # noqa: F401
                      read_json_object, warn_casts)
+from ..checks import _is_int
 from .engine import adapters, install, plan
 from .errors import AdapterFileError, DeltatuneError
 from .registry import get_method
@@ -76,10 +77,6 @@ def save_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     atomic_write_bytes(directory / WEIGHTS_FILE, st_save(state, metadata={"format": "pt", "method": cfg.method}))
     atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return directory
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

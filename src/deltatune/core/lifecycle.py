@@ -61,6 +61,9 @@ class Plan:
 class SharedStates(nn.ModuleDict):
     """Adapter name -> that adapter's adapter-level module (see the module docstring)."""
 
+    def forward(self, x):       # a root nn.Sequential runs every child, this holder included
+        return x
+
 
 def shared_state(model: nn.Module, name: str) -> nn.Module | None:
     holder = getattr(model, SHARED, None)

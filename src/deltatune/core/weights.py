@@ -14,8 +14,7 @@ updates (``U M Vᵀ``), multiplicative ones (OFT's ``R W`` is ``W + (R - I) W``;
   inside a stack: every delta of the stage reads the original layer, as LoRA does);
 - ``delta_weight()``: ``ΔW`` in float64 on the 2-D view, for diagnostics and task-vector merging.
 
-A method with a cheaper forward than materialising ``ΔW`` (LoRA's ``x Aᵀ Bᵀ``) overrides ``forward``
-and keeps ``delta_2d`` as the definition; ``merge`` and ``delta_weight`` still come from here.
+A method with a cheaper forward (LoRA's ``x Aᵀ Bᵀ``) overrides ``forward``; ``delta_2d`` stays its definition.
 """
 
 from __future__ import annotations
@@ -60,9 +59,8 @@ def apply_2d(x: torch.Tensor, w2: torch.Tensor, base: nn.Module, kind: str) -> t
 
 
 class WeightDelta(Delta):
-    """A delta given by ``ΔW`` on the 2-D weight view. Subclasses set ``self.kind`` and implement
-    ``delta_2d(w2)``; ``w2`` is the frozen weight view (float dtype of the layer in forward,
-    float64 in merge), and the result must be computed in ``w2``'s dtype."""
+    """A delta given by ``ΔW``: subclasses set ``self.kind``, call ``bind(base)`` and implement
+    ``delta_2d(w2)`` in ``w2``'s dtype (the layer's float dtype in forward, float64 in merge)."""
 
     kind: str
 
@@ -81,8 +79,7 @@ class WeightDelta(Delta):
         return w2 + self.delta_2d(self._frozen.double()), b
 
     def bind(self, base: nn.Module) -> None:
-        """Keep a plain reference to the frozen layer's weight view for ``merge`` (which is given
-        the weight as the preceding deltas left it, not the frozen one)."""
+        """Keep a plain reference to the frozen layer: ``merge`` reads its weight, not the one given."""
         self.__dict__["_base"] = base
 
     @property

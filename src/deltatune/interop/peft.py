@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +28,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from ..checks import _finite, _is_int
+from ..checks import _is_number as _is_plain_number
 from ..core.engine import adapters, copies, unwrap, walk
 from ..core.errors import AdapterFileError, DeltatuneError
 from ..core.io import (PICKLE_SUFFIXES, _read_tensors, atomic_write_bytes, attach_state, check_float_tensor, json_type,
@@ -123,19 +124,8 @@ def _strip(key: str) -> str:
 
 # ----------------------------------------------------------------------------- config checks
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
-
-
-def _finite(v: Any) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
+    return _is_plain_number(v) and _finite(v)
 
 
 # PEFT options whose non-default value changes what the adapter computes, and that this
