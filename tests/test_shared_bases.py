@@ -292,3 +292,90 @@ def test_sharelora_can_share_b_or_both(share, own, shared_names):
         d0, d1 = layers.values()
         assert torch.equal(d0.delta_weight(model.get_submodule("transformer.h.0.attn.c_attn").base),
                            d1.delta_weight(model.get_submodule("transformer.h.1.attn.c_attn").base))
+
+
+# ----------------------------------------------------------------------------- MoS
+
+def mos_factors_by_hand(d, pools, r, p, l):
+    """A's rank vectors (rows) and B's (columns), each the concatenation of l shards: the first p
+    from the layer's private shards, the rest from the public pool at the layer's indices."""
+    rows = {}
+    for which, dim in (("A", d.fan_in), ("B", d.out)):
+        private = getattr(d, f"mos_private_{which}")
+        pool = pools.get_parameter(getattr(d, f"pool_{which}"))
+        index = getattr(d, f"index_{which}")
+        vectors = []
+        for i in range(r):
+            shards = [private[i * l + t] if i < p else pool[index[i - p, t]] for t in range(l)]
+            vectors.append(torch.cat(shards)[:dim])
+        rows[which] = torch.stack(vectors)
+    return rows["A"], rows["B"].T
+
+
+def test_mos_factors_are_shards_of_shared_pools_and_private_ones():
+    model = tiny_llama().eval()
+    dt.attach(model, dt.config("mos", r=4, alpha=8, equivalent_r=3, private_r=1, shards_per_vector=2,
+                               targets=["q_proj", "v_proj"]))
+    perturb(model)
+    pools = model.deltatune_shared["default"]
+    # 4 layers, each adding (3 - 1) x 2 public shards per factor; q's B shards are 32 long, v's 16
+    assert {n: tuple(p.shape) for n, p in pools.named_parameters()} == {
+        "pool_A_32": (16, 32), "pool_B_32": (8, 32), "pool_B_16": (8, 16)}
+    layers = dict(wrappers(model))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    routes = []
+    for name, w in layers.items():
+        d = w.deltas["default"]
+        assert d.mos_private_A.shape == (2, 32) and d.mos_private_B.shape == (2, d.out // 2)
+        A, B = mos_factors_by_hand(d, pools, r=4, p=1, l=2)
+        with torch.no_grad():
+            torch.testing.assert_close(w(x), x @ (w.base.weight + (8 / 4) * B @ A).T)
+        for which in ("A", "B"):       # 6 public slots from a pool of 8 or 16 shards: no repeat
+            index = getattr(d, f"index_{which}")
+            assert index.shape == (3, 2) and len(set(index.flatten().tolist())) == 6
+            routes.append(tuple(index.flatten().tolist()))
+    assert len(set(routes)) == len(routes)     # every layer and factor routed on its own
+    assert dt.count_parameters(model)[0] == sum(p.numel() for p in pools.parameters()) + 4 * 2 * 32 + 2 * 2 * (32 + 16)
+
+
+def test_mos_pools_are_shared_and_private_shards_are_the_layers_own():
+    model = tiny_llama().eval()
+    dt.attach(model, dt.config("mos", targets=["q_proj"]))
+    perturb(model)
+    pools = model.deltatune_shared["default"]
+    d0, d1 = deltas(model).values()
+    w0 = model.get_submodule("model.layers.0.self_attn.q_proj").base
+    d0.delta_2d(w0.weight).square().sum().backward()
+    assert d1.mos_private_A.grad is None and d1.mos_private_B.grad is None
+    assert d0.mos_private_A.grad.abs().sum() > 0 and d0.mos_private_B.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in pools.parameters())
+    ids = [id(p) for g in dt.parameter_groups(model, lr=1e-3) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == 2 + 2 * 2      # two pools, two private tensors per layer
+
+
+def test_mos_routing_is_regenerated_from_the_seed(tmp_path):
+    def routes(seed):
+        model = tiny_llama()
+        dt.attach(model, dt.config("mos", seed=seed, targets=["q_proj", "v_proj"]))
+        return [torch.cat([d.index_A.flatten(), d.index_B.flatten()]) for d in deltas(model).values()]
+
+    first = routes(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, routes(5)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, routes(6)))
+    square = tiny_llama()       # q_proj: A's and B's pools have one size, their indices still differ
+    dt.attach(square, dt.config("mos", targets=["q_proj"]))
+    assert all(not torch.equal(d.index_A, d.index_B) for d in deltas(square).values())
+    model = minilm_shaped()
+    ref = copy.deepcopy(model)
+    dt.attach(model, dt.config("mos", targets=["query", "value"]))
+    b = bert_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**b), ref(**b))       # B's shards start at zero
+    perturb(model, scale=0.01)
+    size, trained = file_bound_and_reload(model, tmp_path, minilm_shaped, keys_absent=("index_",))
+    assert trained == 4 * 2 * 2 * (192 + 192) * 4      # 4 layers x equivalent_r 2 x 2 shards x (A + B), float32
+
+
+def test_mos_refuses_a_budget_with_no_public_shards():
+    with pytest.raises(dt.DeltatuneError, match="private_r=2 must be below equivalent_r=2"):
+        dt.config("mos", equivalent_r=2, private_r=2)

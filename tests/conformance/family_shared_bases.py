@@ -48,5 +48,14 @@ def sharelora(model, cfg, targets) -> int:
     return per_layer + sum(per_type.values())
 
 
-FORMULAS = {"nola": nola, "randlora": randlora, "sharelora": sharelora}
-DEFAULT_ROLES = {"nola": _ATTENTION_QV, "randlora": _ATTENTION_QV, "sharelora": _ATTENTION_QV}
+def mos(model, cfg, targets) -> int:
+    """MoS: LoRA's budget at rank ``equivalent_r``, in shards: each layer has ``equivalent_r l``
+    shards of length ``ceil(in / l)`` for A and of ``ceil(out / l)`` for B (``l`` the shards per
+    vector), ``private_r l`` of each its own, the rest added to the public pools."""
+    l = cfg.shards_per_vector
+    return sum(cfg.equivalent_r * l * (math.ceil(fan_in / l) + math.ceil(out / l))
+               for out, fan_in in (out_and_in(t.module) for t in targets.values()))
+
+
+FORMULAS = {"nola": nola, "randlora": randlora, "sharelora": sharelora, "mos": mos}
+DEFAULT_ROLES = {name: _ATTENTION_QV for name in FORMULAS}
