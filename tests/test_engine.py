@@ -429,3 +429,17 @@ def test_shared_input_group_keeps_no_model_or_graph_alive():
         assert model_ref() is None, "a model with a q/k/v group is only freed by the garbage collector"
     finally:
         gc.enable()
+
+
+def test_a_deep_copy_of_an_adapted_model_runs_like_the_original():
+    """q and v read one input and share a fused pass; a deep copy must not reach into the
+    original's layers for it."""
+    model = tiny_llama().eval()
+    dt.attach(model, dt.config("lora", r=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, p in dt.trainable_parameters(model):
+            p.add_(0.1)
+        ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+        want = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(input_ids=ids).logits, want)

@@ -180,6 +180,10 @@ class SharedInput:
         self.pending: dict[int, torch.Tensor] = {}
         self.left: set[int] = set()
 
+    def __deepcopy__(self, memo):
+        # the copy's layers are not this group's members; an empty group computes each alone
+        return SharedInput([])
+
     def output(self, layer: "DeltaLayer", x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output for ``x`` from the group, or None: compute it alone."""
         if id(layer) in self.left or x.is_inference():     # inference tensors have no version counter
@@ -208,7 +212,7 @@ class SharedInput:
             if m.per_sample is not None or len(deltas) != 1 or m.active != layer.active:
                 return None
             members.append((m, deltas[0]))
-        if len(members) < 2:
+        if len(members) < 2 or all(m is not layer for m, _ in members):
             return None
         grouped = getattr(type(members[0][1]), "grouped_forward", None)
         if grouped is None or any(type(d) is not type(members[0][1]) for _, d in members):
