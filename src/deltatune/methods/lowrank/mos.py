@@ -51,7 +51,9 @@ from .lora import DEFAULT_TARGETS
 class MosConfig(BaseConfig):
     """MoS. ``r`` each layer's rank, ``alpha`` scale numerator (``alpha / r``), ``equivalent_r``
     the parameter budget as a LoRA rank, ``private_r`` rank vectors per layer made of private
-    shards, ``shards_per_vector`` shards per rank vector, ``seed`` the seed of the index matrices."""
+    shards, ``shards_per_vector`` shards per rank vector, ``seed`` the seed of the index matrices.
+    The defaults (a quarter of LoRA-8's parameters at rank 8) are ours: the paper's full settings
+    were not at hand, only its abstract and the authors' README."""
 
     r: int = 8
     alpha: float = 16.0
@@ -208,5 +210,5 @@ MOS = register(Method(
     default_targets=DEFAULT_TARGETS,
     shared_state=shared_state,
     variants=[{"private_r": 0, "shards_per_vector": 1}],
-    default_lr=3e-3,    # from the paper's recipe (LoRA's rates); not yet swept here
+    default_lr=3e-3,    # from the paper's recipe as far as we know it (LoRA's rate here); not yet swept here
 ))

@@ -117,5 +117,5 @@ RANDLORA = register(Method(
     expected_parameters=expected_parameters,
     default_targets=DEFAULT_TARGETS,
     shared_state=lambda model, cfg: VeraBases(cfg.seed),
-    default_lr=1e-2,    # from the paper's recipe; not yet swept here
+    default_lr=1e-2,    # from the paper's recipe as far as we know it (VeRA's rate); not yet swept here
 ))
