@@ -155,9 +155,9 @@ PREFIX_TUNING = register(Method(
     make_delta=make_delta,
     expected_parameters=expected_parameters,
     default_targets=default_targets,
-    # P-tuning v2 trains its deep prompts at 5e-3 .. 1e-2 (Li and Liang's MLP-reparametrised
-    # prefixes at 5e-5 .. 8e-5); not swept here yet
-    default_lr=5e-3,
+    # swept on bbc at 5e-3 / 1e-2 / 3e-2 / 1e-1 (docs/results/README.md): like prompt tuning, the
+    # prefixes want rates far above a weight delta's
+    default_lr=1e-1,
     foldable=False,
     per_sample_safe=False,
     changes_sequence=True,
