@@ -110,6 +110,7 @@ def test_an_output_delta_folds_alone_only_when_nothing_unmerged_runs_before_it()
 # Any two adapters active on one layer: merged equals unmerged in both orders for every ordered
 # pair of foldable methods that share a layer kind (two adapters of one method included); a
 # non-foldable method in the stack makes merge refuse and leaves the weights as they were.
+# (Which pairs run in CI: see PARTNERS.)
 
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -170,6 +171,13 @@ UNITS = _units()
 HOST_KINDS = ("linear", "conv", "conv1d_gpt2", "embedding", "norm")
 
 
+# The CI tier pairs every method with itself and with one member of each stage of a layer (a
+# parameter diff, an input transform, an output scaling, a low-rank output delta and one that reads
+# the layers before it); the other ordered pairs, quadratic in the number of methods, run in the
+# slow tier (`make test-all`).
+PARTNERS = ("bitfit", "ia3_in", "ia3_out", "lora", "dora")
+
+
 def _pairs(foldable: bool):
     out = []
     for a, (ma, _) in UNITS.items():
@@ -178,7 +186,8 @@ def _pairs(foldable: bool):
             if both != foldable:
                 continue
             shared = [k for k in HOST_KINDS if k in dt.get_method(ma).kinds and k in dt.get_method(mb).kinds]
-            out += [pytest.param(a, b, k, id=f"{a}+{b}-{k}") for k in shared]
+            marks = [] if a == b or a in PARTNERS or b in PARTNERS else [pytest.mark.slow]
+            out += [pytest.param(a, b, k, id=f"{a}+{b}-{k}", marks=marks) for k in shared]
     return out
 
 
