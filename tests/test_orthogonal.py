@@ -26,13 +26,7 @@ from models import small_cnn, tiny_llama
 ORTHOGONAL_TOL = 1e-5       # the acceptance bound on ‖RᵀR - I‖_max, float32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared machine a second one mostly waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- the definitions

@@ -32,13 +32,7 @@ from deltatune.methods.lowrank._nested_rank import truncate_rank
 from models import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (a second mostly waits for a core on a shared machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 class Toy(nn.Module):

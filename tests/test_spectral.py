@@ -26,13 +26,7 @@ TRAINED = {"svfit": {"svfit_s"}, "svft": {"svft_M"}, "loldu": {"loldu_d", "loldu
            "sorsa": {"sorsa_U", "sorsa_S", "sorsa_Vh"}, "lamda": {"lamda_B", "lamda_S"}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (see tests/conformance/conftest.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
 
 def attached(method: str, model=None, **kw):
