@@ -53,15 +53,16 @@ def _rank(cfg, name: str) -> int:
 
 
 def lora(model: nn.Module, cfg, targets: dict[str, Target]) -> int:
-    """LoRA: ``r (in + out)`` per layer (A is r x in, B is out x r); a trained bias adds ``out``;
-    ``bias="all"`` also trains every other layer's bias."""
+    """LoRA: ``r (in + out)`` per layer (A is r x in, B is out x r); LoRA-FA (``freeze_A``) trains
+    B alone, ``r out``; a trained bias adds ``out``; ``bias="all"`` also trains every other layer's bias."""
     total = 0
     for name, t in targets.items():
         if t.role == "bias_only":
             total += _numel(t.module, "bias")
             continue
         out, fan_in = out_and_in(t.module)
-        total += _rank(cfg, name) * (fan_in + out) + (out if cfg.bias != "none" else 0)
+        factors = out if getattr(cfg, "freeze_A", False) else fan_in + out
+        total += _rank(cfg, name) * factors + (out if cfg.bias != "none" else 0)
     return total
 
 

@@ -9,7 +9,9 @@ kernel and ``B`` a 1x1 convolution; for an Embedding ``A`` is looked up by token
 Variants, all this one delta, chosen by the config (never told apart by type): ``init``
 (``lora_init.py``: default, gaussian, PiSSA, MiLoRA, LoRA-GA); a magnitude term (DoRA,
 ``dora.py``); ``bias`` (``lora_only``: a trainable zero-init shift of each wrapped layer's bias;
-``all``: of every other layer's bias too); LoRA+ (``loraplus_lr_ratio``).
+``all``: of every other layer's bias too); LoRA+ (``loraplus_lr_ratio``); LoRA-FA (``freeze_A``,
+"LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-tuning": ``A`` a saved
+buffer at its init, ``B`` alone trained, ``r out`` per layer; backward keeps ``x A^T``, not ``x``).
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ class LoraConfig(BaseConfig):
     alpha_pattern: dict[str, float] | None = None
     # LoRA+ ("LoRA+: Efficient Low Rank Adaptation of Large Models"): B at this multiple of A's rate (paper: 16)
     loraplus_lr_ratio: float | None = None
+    freeze_A: bool = False      # LoRA-FA: A frozen at its (random) init, B alone trains
     lora_ga_gamma: float = LORA_GA_GAMMA
 
     def validate(self) -> None:
         if self.loraplus_lr_ratio is not None:
             check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, low=0, low_open=True)
+            check(not self.freeze_A, "loraplus_lr_ratio sets B's rate relative to A's, and freeze_A trains no A: "
+                                     "drop one (to train B faster under freeze_A, raise the learning rate)")
         check_number("r", self.r, kind=int, low=1)
         check_number("alpha", self.alpha, low=0, low_open=True)
         check_number("dropout", self.dropout, low=0, high=1, high_open=True)
@@ -89,7 +94,7 @@ class LoraConfig(BaseConfig):
 
 class LoraDelta(Delta):
     def __init__(self, base: nn.Module, kind: str, r: int, scale: float, dropout: float,
-                 init: str, bias: bool, loading: bool = False, magnitude_term: Any = None):
+                 init: str, bias: bool, loading: bool = False, magnitude_term: Any = None, freeze_A: bool = False):
         super().__init__()
         check_groups(base, kind, "lora")
         if kind == "conv" and base.padding_mode != "zeros":
@@ -99,7 +104,11 @@ class LoraDelta(Delta):
         self.kind, self.r, self.scale, self.dropout, self.init = kind, r, scale, dropout, init
         like = dict(dtype=base.weight.dtype if base.weight.is_floating_point() else torch.float32,
                     device=base.weight.device)
-        self.lora_A, self.lora_B = (nn.Parameter(torch.zeros(*shape, **like)) for shape in ((r, fan_in), (out, r)))
+        self.lora_B, self.freeze_A = nn.Parameter(torch.zeros(out, r, **like)), freeze_A
+        if freeze_A:        # a buffer: never trained, yet saved, since its random init cannot be redrawn
+            self.register_buffer("lora_A", torch.zeros(r, fan_in, **like))
+        else:
+            self.lora_A = nn.Parameter(torch.zeros(r, fan_in, **like))
         self.lora_bias = nn.Parameter(torch.zeros(out, **like)) if bias else None
         self.term = magnitude_term
         self.reads_preceding = magnitude_term is not None
@@ -111,6 +120,10 @@ class LoraDelta(Delta):
         self.needs_data = init == "lora_ga"     # until dt.calibrate, or a saved file, brings A0 and B0
         if not loading:
             initialise(self, base, init)
+            if freeze_A and kind == "embedding" and init == "default":
+                # that init draws B and zeroes A, and a frozen zero A would learn nothing: swap them
+                nn.init.normal_(self.lora_A)
+                nn.init.zeros_(self.lora_B)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the effective update ``s B A`` (residual inits: ``[A; A0]``, ``[B, -B0]``)."""
@@ -155,7 +168,9 @@ class LoraDelta(Delta):
             return FusedLoraLinear.apply(*[None if t is None else t.to(dtype) for t in args], self.scale, p)
 
     def fusable(self, x: torch.Tensor, base: nn.Module) -> bool:
+        # the fused functions keep x for A's gradient; under freeze_A the composed ops keep x A^T alone
         return self.kind in ("linear", "conv1d_gpt2") and not base.weight.requires_grad and not (
+            self.freeze_A and torch.is_grad_enabled()) and not (
             base.bias is not None and base.bias.requires_grad) and (
             x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
 
@@ -221,17 +236,17 @@ class LoraDelta(Delta):
         r, alpha = cfg.rank_alpha(name)
         check_rank(base, kind, r, cfg.init, name)       # here too, to name the layer in the message
         return cls(base, kind, r, cfg.scale(r, alpha), cfg.dropout, cfg.init, cfg.bias != "none", loading,
-                   magnitude_term=cfg.magnitude_term)
+                   magnitude_term=cfg.magnitude_term, freeze_A=cfg.freeze_A)
 
 
 make_delta = LoraDelta.from_config
 
 
 def expected_parameters(base: nn.Module, kind: str, cfg: LoraConfig, name: str) -> int:
-    """The paper's count: ``r (fan_in + out)`` per layer, plus ``out`` with a trained bias."""
+    """The paper's count: ``r (fan_in + out)`` per layer (freeze_A: ``r out``), ``+ out`` with a trained bias."""
     r, _ = cfg.rank_alpha(name)
     out, fan_in = out_in(base, kind)
-    return r * (fan_in + out) + (out if cfg.bias != "none" else 0)
+    return r * (out if cfg.freeze_A else fan_in + out) + (out if cfg.bias != "none" else 0)
 
 
 def lr_multipliers(cfg: LoraConfig) -> dict[str, float]:
@@ -245,5 +260,5 @@ LORA = register(Method(
     expected_parameters=expected_parameters, default_targets=DEFAULT_TARGETS,
     default_lr=3e-3,     # sweep (docs/results/README.md): tweets 78.8 % vs 78.3 % at 1e-3, fashion 84.7 vs 82.8
     variants=[{"init": "gaussian"}, {"init": "pissa"}, {"init": "milora"}, {"init": "lora_ga", "r": 4},
-              {"rslora": True, "dropout": 0.1}, {"bias": "lora_only"}, {"bias": "all"}],
+              {"rslora": True, "dropout": 0.1}, {"bias": "lora_only"}, {"bias": "all"}, {"freeze_A": True}],
     lr_multipliers=lr_multipliers, calibrate=calibrate))
