@@ -36,12 +36,13 @@ space along the smaller side of ``G`` and maps updates back through a projector 
   and CUDA generators differ, so a checkpoint resumed on another device type continues with
   other random directions).
 - ``ProjectedOptimizer``: the base class of the projected optimizers: ``state_bytes()``,
-  ``check_param(name, group, p)`` (a hook called for every
-  parameter as its group is added: options fail before any step), ``named_params()`` (each parameter with a name for error messages: the group's
-  ``param_names`` when given, else ``param_groups[g][i]``), a ``load_state_dict`` that keeps
+  ``check_param(name, group, p)`` (a hook called for every parameter as its group is added,
+  so bad options fail before any step), ``named_params()`` (each parameter with a name for
+  error messages: the group's ``param_names`` when given, else ``param_groups[g][i]``),
+  ``adamw_step`` (plain AdamW, as ``torch.optim.AdamW`` computes it, for the parameters that
+  are not projected), and a ``load_state_dict`` that keeps
   every state tensor's saved dtype (torch casts them to the parameter's, which would turn the
-  float32 moments of a bf16 weight into bf16), and ``adamw_step`` (plain AdamW, as
-  ``torch.optim.AdamW`` computes it, for the parameters that are not projected).
+  float32 moments of a bf16 weight into bf16).
 - ``adam_direction(exp_avg, exp_avg_sq, grad, betas, eps, step) -> Tensor``: updates the two
   moments in place and returns ``m_hat / (sqrt(v_hat) + eps)`` with torch's bias corrections.
 - ``optimizer_state_bytes(optimizer) -> int``: bytes of every tensor in ``optimizer.state``
