@@ -341,6 +341,16 @@ def test_state_bytes_follow_the_documented_formulas():
         assert opt.state_bytes() == expected[name] + 8 * vectors, name
 
 
+def test_optimizer_state_bytes_counts_tensors_and_quantised_records():
+    from deltatune.optim._projection import optimizer_state_bytes
+    from deltatune.optim._state8bit import quantize_state
+    w = nn.Parameter(torch.zeros(10, 30))
+    opt = torch.optim.SGD([w], lr=0.1)
+    opt.state[w] = {"step": 3, "m": torch.zeros(10, 30), "q": quantize_state(torch.ones(300), signed=True),
+                    "pair": (torch.zeros(5, dtype=torch.float16), torch.zeros(2, dtype=torch.int8))}
+    assert optimizer_state_bytes(opt) == 4 * 300 + (300 + 4 * 2) + (2 * 5 + 2)
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_state_dict_round_trip_continues_exactly(name):
     make = VARIANTS[name]
