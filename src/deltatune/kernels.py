@@ -66,7 +66,9 @@ class FusedLoraLinear(torch.autograd.Function):
         if lora_bias is not None:
             out += lora_bias
         ctx.rebuild = getattr(w2, "rebuild", None)
-        ctx.save_for_backward(x2, drop, z, None if ctx.rebuild else w2, A, B, pre, magnitude, norm)
+        # x is kept for A's gradient alone: a frozen A (LoRA-FA) keeps only z = x A^T
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, drop, z, None if ctx.rebuild else w2,
+                              A, B, pre, magnitude, norm)
         ctx.scale, ctx.p, ctx.has_lora_bias = scale, p, lora_bias is not None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -121,7 +123,9 @@ class FusedLoraGroup(torch.autograd.Function):
                 y += lb
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
         ctx.rebuilds = [getattr(w2, "rebuild", None) for w2 in ws]
-        ctx.save_for_backward(x2, Z, A_cat, *[None if r else w2 for w2, r in zip(ws, ctx.rebuilds)], *Bs)
+        trains_A = any(ctx.needs_input_grad[3 + 2 * n + i] for i in range(n))
+        ctx.save_for_backward(x2 if trains_A else None, Z, A_cat,
+                              *[None if r else w2 for w2, r in zip(ws, ctx.rebuilds)], *Bs)
         ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
         ctx.has_lb = [lb is not None for lb in lbs]
         return tuple(outs)
@@ -147,12 +151,34 @@ class FusedLoraGroup(torch.autograd.Function):
             if need[0]:
                 dx = g2 @ w2 if dx is None else dx.addmm_(g2, w2)
         gB = torch.cat(gBs, dim=1)
-        dA = gB.t() @ x2
-        dAs = list(dA.split(ranks))
+        dAs = list((gB.t() @ x2).split(ranks)) if x2 is not None else [None] * n
         if need[0]:
             dx = gB @ A_cat if dx is None else dx.addmm_(gB, A_cat)
             dx = dx.reshape(ctx.x_shape)
         return (dx, None, None, *([None] * 2 * n), *dAs, *dBs, *dlbs)
+
+
+def batched_low_rank(x: torch.Tensor, y: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]],
+                     scales: list[float], biases: list[torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+    """Mixed-batch low-rank updates: ``y[i] + s_k B_k A_k x[i] (+ b_k)`` with ``k = index[i]`` (-1: none),
+    for the base output ``y`` of ``x``. The factors are gathered into ``(N, r, fan_in)`` /
+    ``(N, out, r)`` stacks (ranks zero-padded) and applied with two batched products, whatever
+    the number of adapters."""
+    n, rmax, out = len(factors), max(A.shape[0] for A, _ in factors), factors[0][1].shape[0]
+    # the scale goes into B and the base output into the last product (baddbmm), so the
+    # low-rank terms cost two batched products and no full-size elementwise pass
+    A_all = x.new_zeros(n + 1, rmax, factors[0][0].shape[1])
+    B_all = x.new_zeros(n + 1, out, rmax)
+    bias = x.new_zeros(n + 1, out)
+    for i, ((A, B), s, b) in enumerate(zip(factors, scales, biases)):
+        A_all[i, : A.shape[0]], B_all[i, :, : B.shape[1]] = A, B * s
+        bias[i] = 0 if b is None else b
+    slot = torch.where(index < 0, n, index)     # the last slot is all zeros: the base model
+    z = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), A_all[slot].transpose(1, 2))
+    y3 = y.reshape(x.shape[0], -1, out)
+    if any(b is not None for b in biases):
+        y3 = y3 + bias[slot][:, None, :]
+    return torch.baddbmm(y3, z, B_all[slot].transpose(1, 2)).reshape(y.shape)
 
 
 # Sibling layers that read the same input in the usual architectures: their adapted outputs can be

@@ -26,7 +26,7 @@ from torch import nn
 from ...core.config import BaseConfig, _normalise_pattern, check, check_choice, check_number, method_config
 from ...core.engine import pattern_value
 from ...core.errors import DeltatuneError
-from ...kernels import FusedLoraGroup, FusedLoraLinear, dropout_mask
+from ...kernels import FusedLoraGroup, FusedLoraLinear, batched_low_rank, dropout_mask
 from ...core.layers import channel_view, check_groups, merge_bias_shift, out_in, to_2d
 from ...core.registry import Method, register
 from ...core.wrapper import Delta
@@ -168,9 +168,7 @@ class LoraDelta(Delta):
             return FusedLoraLinear.apply(*[None if t is None else t.to(dtype) for t in args], self.scale, p)
 
     def fusable(self, x: torch.Tensor, base: nn.Module) -> bool:
-        # the fused functions keep x for A's gradient; under freeze_A the composed ops keep x A^T alone
         return self.kind in ("linear", "conv1d_gpt2") and not base.weight.requires_grad and not (
-            self.freeze_A and torch.is_grad_enabled()) and not (
             base.bias is not None and base.bias.requires_grad) and (
             x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
 
@@ -196,30 +194,13 @@ class LoraDelta(Delta):
     @staticmethod
     def batched_forward(deltas: list["LoraDelta"], index: torch.Tensor, x: torch.Tensor, base: nn.Module,
                         training: bool, *args, **kwargs):
-        """Mixed-batch LoRA: sample i uses ``deltas[index[i]]`` (-1: none). The factors of each
-        sample's adapter are gathered into ``(N, r, fan_in)`` / ``(N, out, r)`` stacks (ranks
-        zero-padded) and applied with two batched matmuls, whatever the number of adapters."""
+        """Mixed-batch LoRA: sample i uses ``deltas[index[i]]`` (-1: none), in two batched products
+        whatever the number of adapters (``kernels.batched_low_rank``)."""
         if deltas[0].kind not in ("linear", "conv1d_gpt2") or any(
                 d.term is not None or (training and d.dropout > 0) for d in deltas):
             return None
-        factors = [d.factors() for d in deltas]
-        rmax = max(A.shape[0] for A, _ in factors)
-        out = factors[0][1].shape[0]
-        # the scale goes into B and the base output into the last product (baddbmm), so the
-        # low-rank terms cost two batched products and no full-size elementwise pass
-        A_all = x.new_zeros(len(deltas) + 1, rmax, factors[0][0].shape[1])
-        B_all = x.new_zeros(len(deltas) + 1, out, rmax)
-        bias = x.new_zeros(len(deltas) + 1, out)
-        for i, (d, (A, B)) in enumerate(zip(deltas, factors)):
-            A_all[i, : A.shape[0]], B_all[i, :, : B.shape[1]] = A, B * d.scale
-            bias[i] = 0 if d.lora_bias is None else d.lora_bias
-        slot = torch.where(index < 0, len(deltas), index)   # the last slot is all zeros: the base model
-        z = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), A_all[slot].transpose(1, 2))
-        y = base(x, *args, **kwargs)
-        y3 = y.reshape(x.shape[0], -1, out)
-        if any(d.lora_bias is not None for d in deltas):
-            y3 = y3 + bias[slot][:, None, :]
-        return torch.baddbmm(y3, z, B_all[slot].transpose(1, 2)).reshape(y.shape)
+        return batched_low_rank(x, base(x, *args, **kwargs), [d.factors() for d in deltas],
+                                [d.scale for d in deltas], [d.lora_bias for d in deltas], index)
 
     def delta_2d(self, dtype=torch.float64) -> torch.Tensor:
         A, B = self.factors()
