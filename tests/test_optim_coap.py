@@ -181,14 +181,17 @@ def test_correlation_step_matches_reference(lr):
     want = reference_correlation_step(P, M, G, lr, "right")
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert (got - P).abs().max() > 1e-3       # it did move
+    # the closed form holds for a P that is not orthonormal too
+    P2 = torch.randn(8, 3) * 0.7
+    assert torch.allclose(correlation_step(P2, M, G, lr), reference_correlation_step(P2, M, G, lr, "right"), atol=1e-5)
 
 
 def test_optimizer_applies_correlation_step_and_carries_moments():
     torch.manual_seed(0)
-    tall = torch.nn.Parameter(torch.randn(12, 5))    # right side
-    wide = torch.nn.Parameter(torch.randn(4, 10))    # left side
-    targets = [torch.randn(12, 5), torch.randn(4, 10)]
-    opt = CoapAdamW([tall, wide], lr=1e-2, rank=2, update_interval=2, reproject_factor=1000,
+    tall = torch.nn.Parameter(torch.randn(40, 16))   # right side
+    wide = torch.nn.Parameter(torch.randn(16, 30))   # left side
+    targets = [torch.randn(40, 16), torch.randn(16, 30)]
+    opt = CoapAdamW([tall, wide], lr=1e-2, rank=4, update_interval=2, reproject_factor=1000,
                     proj_lr=0.5, weight_decay=0.0)
 
     def grads(k):
@@ -221,7 +224,7 @@ def test_projection_stays_orthonormal():
     opt = CoapAdamW(model.parameters(), lr=1e-2, update_interval=1, reproject_factor=4, proj_lr=1.0)
     # the last of 23 steps (s = 22) is a correlation step, not a re-projection
     train(model, opt, batches(23))
-    for p in (model.emb.weight, model.up.weight, model.down.weight, model.head.weight):
+    for p in (model.emb.weight, model.up.weight, model.down.weight):
         P = opt.state[p]["proj"]
         assert torch.allclose(P.T @ P, torch.eye(P.shape[1]), atol=1e-5)
     f = opt.state[model.conv.weight]
@@ -302,7 +305,7 @@ def expected_coap_adamw_bytes(shapes, bits=32, rank_fraction=0.25):
 
     total = 0
     for s in shapes:
-        if len(s) == 2:
+        if len(s) == 2 and min(s) >= 16:     # narrower matrices (heads) are not projected
             a, b = max(s), min(s)
             r = math.ceil(rank_fraction * b)
             total += 2 * moment(a * r) + 4 * b * r
@@ -416,17 +419,27 @@ def test_per_group_lr_and_registry():
 
 def test_rank_larger_than_a_matrix_names_shape_and_largest_rank():
     model = Net(conv=False)
-    with pytest.raises(DeltatuneError, match=r"\(3, 64\).*largest valid rank is 3"):
-        CoapAdamW(model.parameters(), rank=8)
-    named = [{"params": [model.head.weight], "param_names": ["head.weight"]}]
-    with pytest.raises(DeltatuneError, match="head.weight"):
-        CoapAdamW(named, rank=8)
+    with pytest.raises(DeltatuneError, match=r"\(40, 16\).*largest valid rank is 16"):
+        CoapAdamW(model.parameters(), rank=20)
+    named = [{"params": [model.up.weight], "param_names": ["up.weight"]}]
+    with pytest.raises(DeltatuneError, match="up.weight"):
+        CoapAdamW(named, rank=20)
+    CoapAdamW(model.parameters(), rank=16)   # the largest valid rank is valid; the 3 x 64 head is not projected
+
+
+def test_narrow_matrices_get_plain_states():
+    model = Net(conv=False)
+    opt = CoapAdamW(model.parameters(), lr=1e-2)
+    train(model, opt, batches(1))
+    assert "proj" not in opt.state[model.head.weight]                      # 3 x 64
+    assert opt.state[model.head.weight]["exp_avg"].shape == (3, 64)
+    assert opt.state[model.emb.weight]["proj"].shape == (16, 4)             # 40 x 16: projected
 
 
 @pytest.mark.parametrize("kwargs", [dict(rank=0), dict(rank=-2), dict(rank=1.5), dict(rank=0.0),
                                     dict(update_interval=0), dict(reproject_factor=-1),
                                     dict(update_interval=2.5), dict(state_bits=16), dict(lr=-1.0),
-                                    dict(betas=(0.9, 1.0)), dict(conv_rank=9), dict(proj_lr=-0.1)])
+                                    dict(betas=(0.9, 1.0)), dict(conv_rank=2), dict(proj_lr=-0.1)])
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(DeltatuneError):
         CoapAdamW(Net().parameters(), **kwargs)

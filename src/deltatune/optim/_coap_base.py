@@ -6,7 +6,10 @@ Layouts: a 2-D parameter (embeddings included) is a ``"matrix"`` projected on it
 with rank ``rank`` (an int, or a fraction of the smaller dimension, rounded up); a 4-D one (a
 Conv2d kernel) is ``"tucker"``, projected on its output and input channel modes with
 ``conv_rank`` (int, or fraction of each channel count); any other (1-D, 3-D, >= 5-D) is
-``"dense"`` and gets the unprojected optimizer: a documented fallback, not an error.
+``"dense"`` and gets the unprojected optimizer: a documented fallback, not an error. So is a
+matrix whose smaller side is under ``MIN_PROJECTED_SIDE`` (a classifier head ``classes x
+hidden``, a token-type embedding): its states are a negligible share, and a rank-1 update of a
+freshly initialised head would hold fine-tuning back.
 
 Schedule, with ``s`` the steps already taken by a parameter: at ``s = 0`` the projection comes
 from the gradient (randomised SVD / HOSVD); when ``s`` is a positive multiple of
@@ -34,6 +37,7 @@ from ._projection import check_positive_int, optimizer_state_bytes, project, pro
 from ._state8bit import QuantizedState, quantize_state, quantized_nbytes
 
 MIN_8BIT_NUMEL = 4096
+MIN_PROJECTED_SIDE = 16
 BLOCK = 256
 
 # a transform of a low-rank state into the current basis: (tensor, is_second_moment) -> tensor
@@ -67,7 +71,7 @@ def conv_ranks(name: str, spec: int | float, shape: tuple[int, ...]) -> tuple[in
 
 
 def param_layout(name: str, shape: tuple[int, ...], group: dict[str, Any]) -> ParamLayout:
-    if len(shape) == 2 and min(shape) > 0:
+    if len(shape) == 2 and min(shape) >= MIN_PROJECTED_SIDE:
         r = resolve_rank(name, group["rank"], shape)
         side = projection_side(shape)
         low = (r, shape[1]) if side == "left" else (shape[0], r)

@@ -78,24 +78,32 @@ def initial_projection(a: torch.Tensor, rank: int, generator: torch.Generator) -
 
 def correlation_step(p: torch.Tensor, m: torch.Tensor, a: torch.Tensor, lr: float,
                      max_norm: float = 1.0) -> torch.Tensor:
-    """One step on COAP's objective (module docstring); ``p`` ``b x r``, ``m`` ``a x r``."""
-    rows = a.shape[0]
-    g2 = (a * a).sum().clamp_min(torch.finfo(a.dtype).tiny)
+    """One step on COAP's objective (module docstring); ``p`` ``b x r``, ``m`` ``a x r``.
+
+    The gradient is exact for any ``p`` but never forms an ``a x b`` product: with ``AP = A P``,
+    ``K = AP^T AP`` and ``S = P^T P`` (both ``r x r``), ``||A P P^T - A||^2 = ||A||^2 - 2 tr K +
+    tr(K S)`` and its gradient is ``2 (A^T AP (S - 2I) + P K)``; the rows of ``M P^T`` have dot
+    products ``M_i . AP_i`` with those of ``A`` and squared norms ``M_i S M_i^T``. So the cost is
+    three ``a x b x r`` products (``A P``, ``A^T AP``, ``A^T (M w)``), no ``a x b`` temporary.
+    """
+    rows, r = a.shape[0], p.shape[1]
+    an = a.norm(dim=1)
+    g2 = (an * an).sum().clamp_min(torch.finfo(a.dtype).tiny)
     ap = a @ p
-    err = ap @ p.T - a
-    rec = (err * err).sum() / g2
-    # d/dP ||A P P^T - A||^2 = 2 (A^T E P + E^T A P); the first term vanishes for orthonormal P
-    grad_rec = 2.0 * (a.T @ (err @ p) + err.T @ ap) / g2
-    mh = m @ p.T
-    dots = (mh * a).sum(dim=1)
-    mn, an = mh.norm(dim=1), a.norm(dim=1)
+    k = ap.T @ ap
+    gram = p.T @ p
+    rec = (g2 - 2.0 * torch.trace(k) + (k * gram).sum()).clamp_min(0.0) / g2
+    dots = (m * ap).sum(dim=1)
+    mn = ((m @ gram) * m).sum(dim=1).clamp_min(0.0).sqrt()
     mt, at = mn.clamp_min(COS_EPS), an.clamp_min(COS_EPS)
     cos_mean = (dots / (mt * at)).mean()
-    # d cos_i / d mh_i = a_i / (|mh_i| |a_i|) - cos_i mh_i / |mh_i|^2 (second term absent where
-    # the norm is clamped, as in torch)
+    # d cos_i / d (M P^T)_i = A_i / (|.| |A_i|) - cos_i (M P^T)_i / |.|^2; the second term is absent
+    # where the norm is clamped, as in torch.nn.functional.cosine_similarity
     coef2 = torch.where(mn > COS_EPS, dots / (mt**3 * at), torch.zeros_like(dots))
-    d_mh = (a / (mt * at).unsqueeze(1) - coef2.unsqueeze(1) * mh) / rows
-    grad_cos = d_mh.T @ m
+    weights = (1.0 / (mt * at)).unsqueeze(1) * m
+    eye = torch.eye(r, dtype=p.dtype, device=p.device)
+    grad_rec = 2.0 * ((a.T @ ap) @ (gram - 2.0 * eye) + p @ k) / g2
+    grad_cos = (a.T @ weights - p @ (m.T @ (coef2.unsqueeze(1) * m))) / rows
     grad = (1.0 - cos_mean) * grad_rec - rec * grad_cos
     scale = (max_norm / (grad.norm() + 1e-6)).clamp(max=1.0)
     return orthonormalize(p - lr * scale * grad)

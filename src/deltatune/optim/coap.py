@@ -16,8 +16,8 @@ correlation-aware objective ``||G P P^T - G||^2 / ||G||^2 * (1 - mean_i cos((M P
 and is re-orthonormalised; every ``T * reproject_factor`` steps it is re-projected by a
 randomised SVD sketched with the previous ``P``. Either way the moments move into the new basis
 (``C = P_old^T P_new``: ``M C`` and ``V (C o C)``). Conv2d kernels get a Tucker projector on their
-output and input channel modes (``conv_rank``); other non-matrix parameters get the plain
-optimizer. Details: ``_coap_projector`` and ``_coap_base``.
+output and input channel modes (``conv_rank``); other parameters, and matrices with a side under
+16 (classifier heads), get the plain optimizer. Details: ``_coap_projector`` and ``_coap_base``.
 
 ``CoapAdafactor`` runs Adafactor (Shazeer & Stern: factored second moment ``row x col`` of the
 state, relative decay ``1 - t^decay_rate``, update RMS-clipped to ``clip_threshold``, first
@@ -30,7 +30,8 @@ State memory, in bytes, of one ``m x n`` matrix (``a``, ``b`` as above; AdamW ne
 - ``CoapAdafactor``:  ``4 (a r + a + r + b r)`` (8-bit: ``a r + 4 ceil(a r / 256)`` for the first moment)
 
 Conv2d (``out x in x kh x kw``, ranks ``r_o``, ``r_i``): moments ``r_o r_i kh kw`` each, plus
-``4 (out r_o + in r_i)`` for the factors; other parameters: the plain optimizer's states.
+``4 (out r_o + in r_i)`` for the factors; other parameters (and matrices with a side under 16):
+the plain optimizer's states.
 ``state_bytes()`` counts the live states, ``planned_state_bytes()`` predicts them from shapes.
 
 Defaults: ``rank=0.25`` (a quarter of each matrix's smaller side, rounded up), so a matrix's
