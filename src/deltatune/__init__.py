@@ -17,6 +17,7 @@ from .core.io import load_adapter, save_adapter
 from .core.registry import available_methods, config, get_method
 from .diagnostics import Diagnosis, LayerDiagnosis, diagnose, diagnose_weights, scale_intruders
 from .interop.peft import export_peft, import_peft
+from .memory import MemoryReport, memory_report
 from .methods.lowrank._nested_rank import truncate_rank
 from .methods.lowrank.dora import DoraConfig
 from .methods.lowrank.lora import LoraConfig
@@ -31,6 +32,6 @@ __all__ = [
     "PromptTuningConfig", "active_adapters", "attach", "auxiliary_loss", "available_methods", "calibrate", "config",
     "count_parameters", "parameter_groups", "step_hook", "Diagnosis", "LayerDiagnosis", "diagnose", "diagnose_weights",
     "scale_intruders", "truncate_rank",
-    "delete_adapter", "disabled", "export_peft", "import_peft", "get_method", "load_adapter", "merge", "per_sample_adapters", "quantize", "save_adapter", "set_active",
+    "delete_adapter", "disabled", "export_peft", "MemoryReport", "memory_report", "import_peft", "get_method", "load_adapter", "merge", "per_sample_adapters", "quantize", "save_adapter", "set_active",
     "summary", "trainable_parameters", "unload", "unmerge",
 ]
