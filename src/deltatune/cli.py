@@ -189,8 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: matmuls in bfloat16 under autocast (faster on CPUs with AVX512-BF16/AMX and "
                         "on GPUs); parameters, optimizer and loss stay fp32")
-    t.add_argument("--optimizer", default="adamw", help="adamw, adam or sgd (momentum 0.9); the rate of each "
-                   "parameter group comes from the method (e.g. LoRA+) and --head-lr")
+    from .optim import OPTIMIZERS
+    t.add_argument("--optimizer", default="adamw", help=f"one of {', '.join(sorted(OPTIMIZERS))} (sgd with momentum "
+                   "0.9); the rate of each parameter group comes from the method (e.g. LoRA+) and --head-lr; a "
+                   "zeroth-order one (such as MeZO) learns from forward passes alone (no --grad-accum)")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="keep only each layer's input for the backward pass and recompute the rest there: far "
+                        "less activation memory for about one more forward pass of time (docs/memory.md)")
+    t.add_argument("--offload-activations", action="store_true",
+                   help="keep the activations saved for the backward pass in pinned host memory until it needs "
+                        "them (GPU runs only; docs/memory.md)")
+    t.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false",
+                   help="lm task: compute the loss from the full logits; by default it is computed a chunk of "
+                        "tokens at a time, to the same value, without the tokens x vocabulary logits")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (it stays whole until the new run is complete)")
@@ -266,6 +277,8 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
                      lr=ns.lr, batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
                      weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, optimizer=ns.optimizer, budget_seconds=ns.budget_seconds,
+                     gradient_checkpointing=ns.gradient_checkpointing, offload_activations=ns.offload_activations,
+                     chunked_loss=ns.chunked_loss,
                      out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                      device=ns.device, progress=ns.progress)
     args.validate()

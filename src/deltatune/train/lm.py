@@ -251,6 +251,144 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
+# --------------------------------------------------------------------------------------------
+# the chunked loss: the logits of a causal LM (tokens x vocabulary, in float32 for the loss) are
+# often the largest activation of a training step; computed a chunk of tokens at a time, only one
+# chunk's logits ever exist
+
+
+LOSS_CHUNK_BYTES = 1 << 27   # the float32 logits of one chunk of tokens
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """How many tokens one chunk of the chunked loss holds: ``LOSS_CHUNK_BYTES`` of float32
+    logits."""
+    return max(1, LOSS_CHUNK_BYTES // (4 * max(1, vocab_size)))
+
+
+def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    """The plain loss refuses a label outside the vocabulary; so does the chunked one (its
+    gradient would otherwise be computed for some other word)."""
+    bad = (targets != -100) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        raise DeltatuneError(f"a label is outside the vocabulary [0, {vocab_size}) (and not the ignored -100): "
+                             f"{targets[bad][:5].tolist()}")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(h @ weight.T + bias, targets)``, mean over the targets that are not -100,
+    one chunk of rows at a time. The gradients are formed in the forward pass, chunk by chunk
+    (``softmax - onehot`` is all the backward of the cross-entropy needs), so nothing of the
+    size of the logits is kept for the backward pass and the output layer is not recomputed;
+    the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        valid = targets != -100
+        count = valid.sum()
+        safe = torch.where(valid, targets, 0)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if want_b else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, vc = h[s:s + chunk], safe[s:s + chunk], valid[s:s + chunk]
+            out = nn.functional.linear(hc, weight, bias)     # under autocast in its dtype, as the plain head
+            head_dtype, logits = out.dtype, out.float()
+            del out
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            # d(sum of nll)/d logits = softmax - onehot(target), zero on ignored rows; in place
+            p = logits.sub_(lse[:, None]).exp_()
+            p.scatter_add_(1, tc[:, None], -vc[:, None].to(p.dtype))
+            p.mul_(vc[:, None])
+            # the gradient matmuls in the dtype the head computed in (bfloat16 under autocast), as
+            # autograd's backward of the plain head would
+            g = p.to(head_dtype)
+            if want_h:
+                grad_h[s:s + chunk] = (g @ weight.to(g.dtype)).float()
+            if want_w:
+                grad_w += (g.t() @ hc.to(g.dtype)).float()
+            if want_b:
+                grad_b += p.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, count)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b, count = ctx.saved_tensors
+        scale = grad_out / count
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else (grad_h * scale).to(h_dtype),
+                None if grad_w is None else (grad_w * scale).to(w_dtype),
+                None if grad_b is None else (grad_b * scale).to(b_dtype), None, None)
+
+
+def _nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(head(h).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                           chunk_tokens: int | None = None) -> torch.Tensor:
+    """``causal_lm_loss(head(hidden), labels)`` without the full logits: ``hidden`` ``(B, T, H)``
+    are the states the output layer ``head`` reads (the last hidden states), and the loss is
+    computed ``chunk_tokens`` tokens at a time (default: ``loss_chunk_tokens`` of the vocabulary).
+
+    A plain ``nn.Linear`` head (tied to the input embedding or not) goes through a fused
+    linear + cross-entropy that forms its gradients chunk by chunk in the forward pass; any other
+    head (an adapter on it, a quantised one) runs per chunk under non-reentrant checkpointing, so
+    the backward pass recomputes one chunk's logits at a time."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    if type(head) is nn.Linear:
+        _check_targets(targets, head.out_features)
+        chunk = chunk_tokens or loss_chunk_tokens(head.out_features)
+        return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk)
+    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "base", None), "out_features", None)
+    chunk = chunk_tokens or loss_chunk_tokens(vocab or 1 << 16)
+    count = (targets != -100).sum()
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        args = (head, h[s:s + chunk], targets[s:s + chunk])
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(_nll_sum, *args, use_reentrant=False)
+        else:
+            total = total + _nll_sum(*args)
+    return total / count
+
+
+def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+class _HeadBypassed:
+    """While active, the output layer of ``lm`` returns its input: the model's "logits" are the
+    hidden states the head would read, after every hook of the model (prompt tuning strips its
+    virtual positions from them as from logits)."""
+
+    def __init__(self, lm: nn.Module):
+        get = getattr(lm, "get_output_embeddings", None)
+        self.head = get() if get is not None else None
+
+    def __enter__(self) -> nn.Module | None:
+        if self.head is not None:
+            self.previous = self.head.__dict__.get("forward")
+            self.head.forward = _identity
+        return self.head
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.head is not None:
+            if self.previous is None:
+                del self.head.__dict__["forward"]
+            else:
+                self.head.forward = self.previous
+
+
 class CausalLMTask(nn.Module):
     """A Hugging Face causal LM (``self.lm``) with the loop's interface: ``forward(input_ids,
     labels=None, attention_mask=None) -> (logits, loss)``, ``loss`` from ``causal_lm_loss``.
@@ -260,18 +398,26 @@ class CausalLMTask(nn.Module):
     here, in float32. Prompt tuning hooks the inner model (the outermost module with
     ``get_input_embeddings``, which this wrapper deliberately lacks) and strips the virtual tokens
     from the logits; should a model return more positions than it was given, the last ``T`` are
-    the ones aligned with the input."""
+    the ones aligned with the input.
 
-    def __init__(self, lm: nn.Module):
+    ``chunked_loss=True`` (the ``lm`` task's default): a call with ``labels`` computes the loss
+    with ``chunked_causal_lm_loss`` from the last hidden states and returns ``(None, loss)``: the
+    full logits are never formed, which is the point. Exact only for a model whose logits are its
+    output layer applied to those states; that is checked once, on the first such call (two tiny
+    forwards of two tokens), and a model that changes its logits after the head (soft-capping,
+    scaling) gets the plain loss, with a warning."""
+
+    def __init__(self, lm: nn.Module, chunked_loss: bool = False):
         super().__init__()
         self.lm = lm
+        self.chunked_loss = bool(chunked_loss)
+        self._head_is_last: bool | None = None      # None: not checked yet
 
     @property
     def config(self) -> Any:
         return self.lm.config
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_lm(self, input_ids, attention_mask) -> torch.Tensor:
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out[0]
         t = input_ids.shape[1]
@@ -279,6 +425,40 @@ class CausalLMTask(nn.Module):
             if logits.shape[1] < t:
                 raise DeltatuneError(f"the model returned {logits.shape[1]} positions for {t} input tokens")
             logits = logits[:, -t:]
+        return logits
+
+    def _head_applies_last(self, input_ids: torch.Tensor) -> bool:
+        """Whether the model's logits are exactly its output layer on what that layer reads."""
+        if self._head_is_last is None:
+            modes = {m: m.training for m in self.modules()}
+            ids = input_ids[:1, :2]
+            try:
+                self.eval()
+                with torch.no_grad():
+                    plain = self._forward_lm(ids, None)
+                    with _HeadBypassed(self.lm) as head:
+                        hidden = self._forward_lm(ids, None) if head is not None else None
+                    ok = (hidden is not None and hidden.shape[-1] == getattr(head, "in_features", hidden.shape[-1])
+                          and torch.allclose(head(hidden).float(), plain.float(), rtol=1e-4, atol=1e-5))
+            except (RuntimeError, TypeError, ValueError):     # e.g. a head the hidden states do not fit
+                ok = False
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
+            if not ok:
+                warnings.warn(f"{type(self.lm).__name__}: its logits are not its output layer applied to the last "
+                              f"hidden states (soft-capped or scaled?); the lm loss is computed from the full logits "
+                              f"(as with --no-chunked-loss)", stacklevel=3)
+            self._head_is_last = ok
+        return self._head_is_last
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if labels is not None and self.chunked_loss and self._head_applies_last(input_ids):
+            with _HeadBypassed(self.lm) as head:
+                hidden = self._forward_lm(input_ids, attention_mask)
+            return None, chunked_causal_lm_loss(hidden, head, labels)
+        logits = self._forward_lm(input_ids, attention_mask)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return logits, loss
 
@@ -323,6 +503,7 @@ def setup(args: Any) -> TaskSetup:
                    f"blocks of {args.max_length} tokens: {len(train)} train ({train.num_tokens:,} tokens), "
                    f"{len(test)} test ({test.num_tokens:,} tokens), every {TEST_EVERY}th "
                    f"{SEGMENT_TOKENS}-token segment held out")
-    return TaskSetup(description=description, model=CausalLMTask(lm), train=train, test=test,
+    return TaskSetup(description=description, model=CausalLMTask(lm, chunked_loss=getattr(args, "chunked_loss", True)),
+                     train=train, test=test,
                      evaluate=evaluate_lm, model_name=model_name, metric="test_perplexity", head=None,
                      label_names=None)

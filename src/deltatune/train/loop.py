@@ -21,6 +21,17 @@ steps and epochs done. The learning-rate schedule is still planned for all ``epo
 stopped run is the same run cut short, not a shorter run with a faster decay. A partial epoch
 writes no checkpoint: ``--resume`` continues from the last complete epoch.
 
+Memory (docs/memory.md): ``gradient_checkpointing`` recomputes each block's activations in the
+backward pass instead of keeping them, ``offload_activations`` keeps the saved activations in
+host memory (accelerators only), and the ``lm`` task computes its loss a chunk of tokens at a
+time unless ``chunked_loss`` is off (``train/activations.py``, ``train/lm.py``). None of them
+changes what is computed, so they may differ between a run and its resumption.
+
+Zeroth-order optimizers (``deltatune.optim.is_zeroth_order``, e.g. MeZO) learn from forward passes
+alone: each step calls ``optimizer.step(closure)`` with a closure that computes the batch loss
+under ``torch.no_grad()``; there is no ``backward``, no gradient clipping, and no gradient
+accumulation (each step sees one batch).
+
 Reproducibility: at the start of epoch ``e`` the global torch RNG is seeded from
 ``(seed, e)`` and the data order comes from a generator seeded from ``(seed, e)``, so a run
 resumed from the checkpoint of epoch ``e`` retraces the uninterrupted run exactly (same
@@ -34,6 +45,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import contextlib
 import math
 import random
 import resource
@@ -46,10 +58,11 @@ import torch
 
 from ..core.errors import DeltatuneError
 from ..core.engine import model_type
-from ..optim import OPTIMIZERS, build_optimizer
+from ..optim import OPTIMIZERS, build_optimizer, is_zeroth_order
+from .activations import check_offload_device, enable_gradient_checkpointing, offload_activations
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, atomic_write_bytes, load_checkpoint, restore, save_checkpoint
 from .outputs import StagedOutput, check_writable, stage_output
-from .tasks import KINDS, TEXT_TASKS, TaskSetup, setup_task
+from .tasks import KINDS, TEXT_TASKS, TaskSetup, setup_task, task_kind
 
 WARMUP_FRACTION = 0.06
 MAX_GRAD_NORM = 1.0
@@ -105,9 +118,14 @@ class TrainArgs:
     device: str = "auto"
     progress: bool = True
     budget_seconds: float | None = None
+    gradient_checkpointing: bool = False    # recompute activations in the backward pass (activations.py)
+    offload_activations: bool = False       # keep saved activations in host memory (accelerators only)
+    chunked_loss: bool = True               # the lm task's loss a chunk of tokens at a time (lm.py)
 
-    # arguments that may change between an interrupted run and its resumption
-    RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "progress", "eval_batch_size", "budget_seconds")
+    # arguments that may change between an interrupted run and its resumption (the memory
+    # options change how a step is computed, not what)
+    RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "progress", "eval_batch_size", "budget_seconds",
+                         "gradient_checkpointing", "offload_activations", "chunked_loss")
 
     def validate(self) -> None:
         """Check every argument's type and range before anything loads (one clear error each)."""
@@ -141,6 +159,13 @@ class TrainArgs:
             raise DeltatuneError(f"--device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         if self.resume and self.overwrite:
             raise DeltatuneError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        for name in ("gradient_checkpointing", "offload_activations", "chunked_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not self.chunked_loss and task_kind(str(self.data)) != "lm":
+            raise DeltatuneError(f"--no-chunked-loss applies to the causal-LM task (--data lm) only; --data "
+                                 f"{self.data} computes a classifier's loss, which has no vocabulary-sized logits: "
+                                 f"drop the flag")
 
     def output_dir(self) -> Path:
         if self.out:
@@ -316,6 +341,48 @@ def data_sha256(data: str) -> str | None:
     return digest.hexdigest()
 
 
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, precision: str,
+               where: str, lr: float) -> torch.Tensor:
+    """The training loss of one batch, with the adapters' auxiliary terms (``dt.auxiliary_loss``);
+    a loss that is not finite is an error naming the batch (``where``)."""
+    import deltatune as dt
+    with autocast(device, precision):
+        _, loss = model(**batch)
+        loss = loss + dt.auxiliary_loss(model)
+    if not torch.isfinite(loss):
+        raise DeltatuneError(f"{where}: the loss is {float(loss.detach())}; lower --lr (now {lr:g})")
+    return loss
+
+
+def zeroth_order_step(optimizer: torch.optim.Optimizer, loss_fn: Any) -> torch.Tensor:
+    """One step of a zeroth-order optimizer: ``optimizer.step(closure)``, the closure computing
+    ``loss_fn()`` under ``torch.no_grad()`` (the optimizer calls it as often as it needs, with its
+    own perturbations of the parameters); returns the loss the step reports."""
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            return loss_fn()
+
+    loss = optimizer.step(closure)
+    if not isinstance(loss, (torch.Tensor, float, int)):
+        raise DeltatuneError(f"{type(optimizer).__name__} is zeroth-order, so its step(closure) must return the "
+                             f"loss it computed with the closure, got {loss!r}")
+    return torch.as_tensor(loss).detach()
+
+
+def check_zeroth_order(a: TrainArgs, optimizer: torch.optim.Optimizer) -> None:
+    """A zeroth-order optimizer runs no backward pass: refuse the options that only serve one."""
+    name = f"--optimizer {a.optimizer} ({type(optimizer).__name__}) learns from forward passes alone"
+    if a.grad_accum > 1:
+        raise DeltatuneError(f"{name}: each of its steps perturbs the parameters and evaluates one batch, so there "
+                             f"are no gradients to accumulate; use --grad-accum 1 (with a larger --batch-size for "
+                             f"less noisy steps)")
+    for flag, on in (("--gradient-checkpointing", a.gradient_checkpointing),
+                     ("--offload-activations", a.offload_activations)):
+        if on:
+            raise DeltatuneError(f"{name}: it keeps no activations for a backward pass, so {flag} has nothing to "
+                                 f"save; drop the flag")
+
+
 def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     """The run itself, writing into ``out`` (the output folder, or its staging folder when the
     run replaces an earlier one; ``shown_out`` is the folder named in messages)."""
@@ -345,6 +412,8 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
 
     seed_everything(a.seed)
     device = pick_device(a.device)
+    if a.offload_activations:
+        check_offload_device(device)        # before the slow parts
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -366,8 +435,6 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     trainable, total = dt.count_parameters(model)
     _log(f"{a.method} on {model_name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / max(total, 1):.3f} %), lr {lr:g}, device {device}")
-    if cfg is not None and dt.get_method(cfg.method).calibrate is not None:
-        calibrate(model, train_split, a, device)
 
     params = [p for _, p in dt.trainable_parameters(model)]
     head_lr = default_lr("head", model_type(model)) if a.head_lr is None else float(a.head_lr)
@@ -377,6 +444,16 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     # the deltas inside the encoder (see BASELINE_LR_BY_MODEL); methods may set their own rates
     groups = dt.parameter_groups(model, lr, rates={setup.head: head_lr} if head_lr is not None else None)
     optimizer = build_optimizer(a.optimizer, groups, lr, a.weight_decay)
+    zeroth_order = is_zeroth_order(optimizer)
+    if zeroth_order:
+        check_zeroth_order(a, optimizer)
+    # the forward passes of the training steps run inside this context (offload hooks, or none)
+    saved_activations = offload_activations(device, model) if a.offload_activations else contextlib.nullcontext()
+    if a.gradient_checkpointing:        # before calibration, which may run backward passes too
+        blocks = enable_gradient_checkpointing(model)
+        _log(f"gradient checkpointing: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]})")
+    if cfg is not None and dt.get_method(cfg.method).calibrate is not None:
+        calibrate(model, train_split, a, device)
     batches_per_epoch = train_split.num_batches(a.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / a.grad_accum)
     total_steps = steps_per_epoch * a.epochs
@@ -422,19 +499,20 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in batch.items()}
             group = i // a.grad_accum
             group_size = min(a.grad_accum, batches_per_epoch - group * a.grad_accum)
-            with autocast(device, a.precision):
-                _, loss = model(**batch)
-                loss = loss + dt.auxiliary_loss(model)
-            if not torch.isfinite(loss):
-                raise DeltatuneError(f"epoch {epoch + 1}, batch {i}: the loss is {float(loss.detach())}; lower --lr "
-                                     f"(now {lr:g})")
-            (loss / group_size).backward()
+            where = f"epoch {epoch + 1}, batch {i}"
+            if zeroth_order:
+                loss = zeroth_order_step(optimizer, lambda: batch_loss(model, batch, device, a.precision, where, lr))
+            else:
+                with saved_activations:
+                    loss = batch_loss(model, batch, device, a.precision, where, lr)
+                (loss / group_size).backward()
             n = len(batch["labels"])
             loss_sum += float(loss.detach()) * n
             seen += n
-            if (i + 1) % a.grad_accum == 0 or i + 1 == batches_per_epoch:
-                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                optimizer.step()
+            if zeroth_order or (i + 1) % a.grad_accum == 0 or i + 1 == batches_per_epoch:
+                if not zeroth_order:        # a zeroth-order step was taken above, from the closure
+                    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -496,6 +574,10 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         "max_length": a.max_length,
         "precision": a.precision,
         "optimizer": a.optimizer,
+        "zeroth_order": zeroth_order,
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "offload_activations": a.offload_activations,
+        "chunked_loss": a.chunked_loss if task_kind(str(a.data)) == "lm" else None,
         "head_lr": head_lr,
         "seed": a.seed,
         "steps": step,
