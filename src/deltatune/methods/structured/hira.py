@@ -77,4 +77,4 @@ HIRA = register(Method(
     paper="HiRA: Parameter-Efficient Hadamard High-Rank Adaptation for Large Language Models",
     hook="weight", kinds=("linear", "conv", "embedding", "conv1d_gpt2"), make_delta=make_delta,
     expected_parameters=expected_parameters, default_targets=DEFAULT_TARGETS,
-    default_lr=1e-2))   # from the paper's recipe; not yet swept here
+    default_lr=3e-3))   # BBC sweep (docs/results/README.md): above the probe at 3e-3 and 3e-2, tied at 1e-2
