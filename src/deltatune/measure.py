@@ -2,8 +2,12 @@
 allocator's tensor peak (``allocator_peak``), the process's peak resident memory, and
 ``measure_training``, which runs two steps of a planned run with its pretrained weights.
 
-The tensor peak is what a plan predicts exactly; the peak RSS also holds the runtime and what the
-C library keeps of freed memory (see ``fix_mmap_threshold``).
+The tensor peak is what a plan predicts; the peak RSS also holds the runtime, what loading the
+weights left behind, and what the C library keeps of freed memory: glibc serves blocks below its
+mmap threshold from the heap and raises that threshold to the size of each mmapped block freed
+(up to 32 MiB), so a step's activations come from the heap, which keeps their pages once they are
+freed. ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment fixes the threshold (and ends the
+raising): freed blocks of 1 MiB or more go back to the system, at the price of fresh page faults.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from .memory import MB, StepTrace, trace_step
+from .memory import MB
 from .plan import RunSpec, _rates, build_model, example_batch
-from .planner import enable_checkpointing, train_loss
+from .planner import StepTrace, enable_checkpointing, rss_bytes, trace_step, train_loss
 
 
 def allocator_peak(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
@@ -44,34 +48,20 @@ def allocator_peak(fn: Callable[[], Any], device: torch.device | str = "cpu") ->
     return peak
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Make glibc hand every freed block of ``nbytes`` or more back to the system.
-
-    glibc serves allocations below its mmap threshold from the heap, and by default raises the
-    threshold to the size of each mmapped block freed (up to 32 MiB). A training step's
-    activations then come from the heap, which keeps their pages once they are freed, so the
-    process's resident memory climbs above its tensor peak, step after step. A fixed threshold
-    (``mallopt(M_MMAP_THRESHOLD)``, which also ends the adjustment) keeps the resident memory at
-    the runtime plus the live tensors. Returns False where glibc is not the C library."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3       # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, int(nbytes)))
-
-
 @dataclasses.dataclass
 class Measurement:
     """What two real training steps allocated (``measure_training``): ``tensor_peak_bytes`` from the
     allocator (``allocator_peak``), ``tracked_peak_bytes`` from the dispatch-mode tracker on
     the same run, ``process_peak_bytes`` the peak RSS during the steps (None where it cannot be
-    reset: not Linux)."""
+    reset: not Linux), ``rss_before_bytes`` the RSS before them and ``tensors_before_bytes`` the
+    tensors alive then (weights, buffers, the batch): their difference is the runtime the steps
+    ran on, loading's leftovers included."""
 
     tensor_peak_bytes: int
     tracked_peak_bytes: int
     process_peak_bytes: int | None
+    rss_before_bytes: int
+    tensors_before_bytes: int
     seconds: float
 
 
@@ -102,6 +92,8 @@ def measure_training(spec: RunSpec | None = None, **fields: Any) -> Measurement:
     optimizer = build_optimizer(spec.optimizer, dt.parameter_groups(model, 1e-3, rates=_rates(spec)), 1e-3,
                                 spec.weight_decay)
     step = train_loss(precision=spec.precision)
+    tensors_before = dt.memory_report(model, optimizer).total_bytes + sum(v.nbytes for v in batch.values())
+    rss_before = rss_bytes()
     t0 = time.perf_counter()
     # the peak RSS first, without the profiler (whose event records take memory of their own);
     # then two more steps under the profiler
@@ -112,4 +104,5 @@ def measure_training(spec: RunSpec | None = None, **fields: Any) -> Measurement:
     traces: list[StepTrace] = []
     peak = allocator_peak(lambda: traces.append(trace_step(model, batch, optimizer, step, grad_accum=spec.grad_accum)))
     return Measurement(tensor_peak_bytes=start + peak, tracked_peak_bytes=traces[0].peak_bytes,
-                       process_peak_bytes=process_peak, seconds=time.perf_counter() - t0)
+                       process_peak_bytes=process_peak, rss_before_bytes=rss_before,
+                       tensors_before_bytes=tensors_before, seconds=time.perf_counter() - t0)

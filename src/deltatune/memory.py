@@ -1,6 +1,7 @@
-"""Where training memory goes: what a model and its optimiser hold (``memory_report``), and a
-tracker of live tensor bytes through a training step (``TensorTracker``, ``trace_step``), which
-``deltatune plan`` runs on fake tensors to predict the peak without allocating it.
+"""Where training memory goes: what a model and its optimiser hold (``memory_report``), and
+trackers of live tensor bytes (``TensorTracker``) and of what autograd saves for backward
+(``SavedTensors``), which ``deltatune.planner.trace_step`` runs through a training step, on fake
+tensors to predict its peak without allocating it.
 
 Optimiser states
 ----------------
@@ -52,7 +53,7 @@ def mb(n: int | None) -> str:
     return "unknown" if n is None else f"{n / MB:,.1f} MB"
 
 
-class _StorageSet:
+class StorageSet:
     """Counts each tensor storage once (tied weights, views, a state sharing a parameter's
     storage). Holds the storages while counting so that an ``id`` cannot be reused."""
 
@@ -88,19 +89,19 @@ class StateBytes:
     uncounted: list[str] = dataclasses.field(default_factory=list)
 
 
-def optimizer_state_bytes(optimizer: Any, seen: _StorageSet | None = None) -> StateBytes:
+def optimizer_state_bytes(optimizer: Any, seen: StorageSet | None = None) -> StateBytes:
     """What ``optimizer`` holds now (see the module docstring)."""
     own = getattr(optimizer, "state_bytes", None)
     if callable(own):
         return StateBytes(int(own()))
     out = StateBytes(0)
-    seen = seen or _StorageSet()
+    seen = seen or StorageSet()
     for value in getattr(optimizer, "state", {}).values():     # keys are the parameters: not state
         _add_value(value, seen, out)
     return out
 
 
-def _add_value(value: Any, seen: _StorageSet, out: StateBytes) -> None:
+def _add_value(value: Any, seen: StorageSet, out: StateBytes) -> None:
     if isinstance(value, torch.Tensor):
         out.bytes += seen.add(value)
     elif value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
@@ -194,7 +195,7 @@ class MemoryReport:
 def memory_report(model: nn.Module, optimizer: Any = None) -> MemoryReport:
     """Bytes of frozen weights, trainable weights, gradients and optimiser states of ``model``
     (and ``optimizer``) now, and what backward and the first optimiser step will add."""
-    seen = _StorageSet()
+    seen = StorageSet()
     frozen = trainable = grads = expected = n_trainable = n_frozen = 0
     for p in model.parameters():            # parameters() yields a tied parameter once
         size = seen.add(p)
@@ -222,6 +223,44 @@ def memory_report(model: nn.Module, optimizer: Any = None) -> MemoryReport:
 
 # ----------------------------------------------------------------------------- live tensor bytes
 
+_NONE = object()
+
+
+def value_free(func: Any, args: tuple) -> Any:
+    """What an operation whose result depends on tensor values answers on tensors that have none
+    (meta, fake), or ``_NONE`` for any other operation: ``.item()`` and ``bool(tensor)`` give 1 /
+    True, so planning follows one branch of data-dependent code (an all-ones attention mask, a
+    first optimiser step); ``nonzero`` and boolean-mask indexing take every element for selected,
+    the largest result (a pattern chosen from the weights' values, a mask of active ranks)."""
+    aten = torch.ops.aten
+    if func is aten._local_scalar_dense.default:
+        t = args[0]
+        return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
+    if func is aten.nonzero.default:
+        t = args[0]
+        return torch.empty((t.numel(), t.dim()), dtype=torch.long, device=t.device)
+    if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+            i is not None and i.dtype == torch.bool for i in args[1]):
+        # boolean-mask indexing (``P[:, mask]``) is nonzero inside: every element selected
+        indices: list[Any] = []
+        for i in args[1]:
+            if i is not None and i.dtype == torch.bool:
+                indices += [torch.empty(i.numel(), dtype=torch.long, device=i.device).fill_(0)] * i.dim()
+            else:
+                indices.append(i)
+        return func(args[0], indices, *args[2:])
+    return _NONE
+
+
+class ValueFree(TorchDispatchMode):
+    """``value_free``'s stand-ins for the operations run under it, e.g. attaching a method whose
+    initialisation reads the weights to a model on the meta device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        stand_in = value_free(func, args)
+        return func(*args, **(kwargs or {})) if stand_in is _NONE else stand_in
+
+
 class TensorTracker(TorchDispatchMode):
     """Live tensor bytes while the mode is on: every storage an operation returns is counted
     until it is freed (a finaliser on the storage), once however many tensors view it. Tensors
@@ -229,13 +268,12 @@ class TensorTracker(TorchDispatchMode):
     running; ``peaks`` keeps each phase's peak, ``peak``/``peak_phase`` the overall one, and
     ``snapshot()`` (if given) is called at each new overall peak, its result kept in ``at_peak``.
 
-    On fake tensors (``fake_scalars=True``) a tensor's value is unknown, so ``.item()`` and
-    ``bool(tensor)`` answer 1 / True: planning follows one branch of data-dependent code (an
-    all-ones attention mask, a first optimiser step)."""
+    On fake tensors (``fake=True``) the operations whose result depends on tensor values get the
+    stand-ins of ``value_free``."""
 
-    def __init__(self, fake_scalars: bool = False, snapshot: Callable[[], dict[str, int]] | None = None):
+    def __init__(self, fake: bool = False, snapshot: Callable[[], dict[str, int]] | None = None):
         super().__init__()
-        self.fake_scalars = fake_scalars
+        self.fake = fake
         self.snapshot = snapshot
         self._live_storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.live = 0
@@ -268,9 +306,10 @@ class TensorTracker(TorchDispatchMode):
         self.live -= n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default:
-            t = args[0]
-            return True if t.dtype == torch.bool else (1 if not t.is_floating_point() else 1.0)
+        if self.fake:
+            stand_in = value_free(func, args)
+            if stand_in is not _NONE:
+                return stand_in
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -302,98 +341,4 @@ class SavedTensors:
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-
-# ----------------------------------------------------------------------------- a training step
-
-@dataclasses.dataclass
-class StepTrace:
-    """Tensor bytes through training steps (``trace_step``). ``at_peak``: the gradients and
-    saved activations alive at the peak."""
-
-    start_bytes: int            # alive before the first step: weights, buffers, the batch, states
-    peak_bytes: int
-    peak_phase: str             # forward, backward, optimizer step
-    phase_peaks: dict[str, int]
-    saved_bytes: int            # saved for backward at the end of the last forward
-    gradient_bytes: int         # .grad after the last backward
-    state_bytes: int            # optimiser state after the last step
-    at_peak: dict[str, int]
-
-
-def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-    """``(output, loss)`` of ``model(**batch)``: the loop's ``(logits, loss)``, or an output with
-    ``.loss`` (transformers models given labels)."""
-    out = model(**batch)
-    loss = out[1] if isinstance(out, tuple) else out.loss
-    return out, loss
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, Mapping):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple, set)):
-            stack.extend(v)
-    return found
-
-
-def trace_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: Any,
-               loss_fn: Callable[[nn.Module, Any], tuple[Any, torch.Tensor]] = model_loss, steps: int = 2,
-               grad_accum: int = 1, max_grad_norm: float | None = 1.0, fake: bool = False) -> StepTrace:
-    """Run ``steps`` optimiser steps of ``grad_accum`` micro-batches each as ``deltatune train``
-    does (forward, backward, gradient clipping, ``optimizer.step()``, ``zero_grad(set_to_none)``)
-    and trace live tensor bytes. The model's output stays alive until the next forward has
-    returned, as the loop's ``_, loss = model(**batch)`` keeps it. The second step is the steady
-    state (optimiser states allocated), hence ``steps=2``. A zeroth-order optimiser
-    (``zeroth_order = True``) gets ``step(closure)`` with a forward under ``no_grad``.
-    ``fake=True`` for fake tensors (see ``TensorTracker``)."""
-    from .optim import is_zeroth_order
-    params = [p for p in model.parameters() if p.requires_grad]
-    weights = list(model.parameters()) + list(model.buffers())
-    saved = SavedTensors(exclude=weights)
-
-    def snapshot() -> dict[str, int]:
-        seen = _StorageSet()
-        return {"gradients": sum(seen.add(p.grad) for p in params if p.grad is not None), "saved": saved.live}
-
-    tracker = TensorTracker(fake_scalars=fake, snapshot=snapshot)
-    tracker.adopt(weights + [p.grad for p in params if p.grad is not None] + _tensors(batch)
-                  + _tensors(list(getattr(optimizer, "state", {}).values())))
-    start = tracker.live
-    saved_bytes = grads = 0
-    out = loss = None
-    with tracker:
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(steps):
-            if is_zeroth_order(optimizer):
-                def closure() -> torch.Tensor:
-                    with torch.no_grad():
-                        return loss_fn(model, batch)[1]
-                tracker.phase = "forward"
-                optimizer.step(closure)
-                continue
-            for _ in range(grad_accum):
-                tracker.phase = "forward"
-                with saved.hooks():
-                    out, loss = loss_fn(model, batch)
-                saved_bytes = saved.live
-                tracker.phase = "backward"
-                (loss / grad_accum).backward()
-                float(loss.detach())        # the loop logs the loss
-            grads = snapshot()["gradients"]
-            tracker.phase = "optimizer step"
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    del out, loss
-    return StepTrace(start_bytes=start, peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
-                     phase_peaks=dict(tracker.peaks), saved_bytes=saved_bytes, gradient_bytes=grads,
-                     state_bytes=optimizer_state_bytes(optimizer).bytes, at_peak=dict(tracker.at_peak))
 

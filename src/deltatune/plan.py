@@ -16,6 +16,7 @@ prediction (``deltatune.measure``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .core.errors import DeltatuneError
-from .memory import MB
+from .memory import MB, ValueFree
 from .planner import MemoryPlan, plan_model, rss_bytes
 
 # the models deltatune plan knows by name (a local Hugging Face folder works too) -> task kind
@@ -132,7 +133,8 @@ def build_model(spec: RunSpec, device: str = "meta") -> nn.Module:
         options = dict(spec.method_options)
         if "total_step" in dt.get_method(spec.method).config_cls.__dataclass_fields__:
             options.setdefault("total_step", 100)     # a schedule's length changes no tensor size
-        with torch.device(device):
+        # on meta, an initialisation that reads the weights gets value-free stand-ins (memory.value_free)
+        with torch.device(device), ValueFree() if device == "meta" else contextlib.nullcontext():
             dt.attach(model, method_config(spec.method, options, head))
     return model.to(device)
 
@@ -169,6 +171,25 @@ def plan_training(spec: RunSpec | None = None, **fields: Any) -> MemoryPlan:
                       gradient_checkpointing=spec.gradient_checkpointing, description=spec.describe(),
                       runtime_bytes=runtime)
 
+
+
+def plan_for_train(args: Any) -> str:
+    """The plan ``deltatune train`` prints before it starts, for its ``TrainArgs``: the table, or
+    one line saying why there is none (a task or model planning does not cover, a method that
+    cannot run on fake tensors); training goes on either way."""
+    task = args.data
+    if task not in TASKS:
+        return f"memory plan: none for --data {task} (deltatune plan covers {', '.join(TASKS)})"
+    spec = RunSpec(model=args.model or ("smollm2" if TASKS[task] == "lm" else "minilm"), data=task,
+                   method=args.method, method_options=dict(args.method_options), batch_size=args.batch_size,
+                   max_length=args.max_length, optimizer=args.optimizer,
+                   gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
+                   grad_accum=args.grad_accum, precision=args.precision, head_dropout=args.head_dropout,
+                   weight_decay=args.weight_decay)
+    try:
+        return str(plan_training(spec))
+    except Exception as e:      # a prediction that cannot be made must not stop the run it describes
+        return f"memory plan: could not be made ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -229,6 +250,8 @@ def main_plan(ns: argparse.Namespace, extra: list[str] | tuple[str, ...] = ()) -
         if m.process_peak_bytes is not None:
             print(f"  {'process peak':<19}{m.process_peak_bytes / MB:>11,.1f} MB  peak RSS during the steps; "
                   f"prediction {100 * (plan.process_peak_bytes / m.process_peak_bytes - 1):+.1f} %")
+        print(f"  {'runtime':<19}{(m.rss_before_bytes - m.tensors_before_bytes) / MB:>11,.1f} MB  RSS before the "
+              f"steps less the tensors alive then (planned: {plan.runtime_bytes / MB:,.1f} MB)")
     if ns.json:
         atomic_write_bytes(Path(ns.json), (json.dumps(record, indent=2) + "\n").encode())
     return 0

@@ -1,7 +1,7 @@
 """Predicting the memory of training a model, without allocating it: the model's tensors are
 replaced by fake ones (``FakeTensorMode``: shapes, dtypes and the CPU device, no data) and two
-optimiser steps of ``deltatune train`` run on them under ``memory.trace_step``, which counts the
-bytes of every tensor alive after each operation. ``plan_model`` does it for any model;
+optimiser steps of ``deltatune train`` run on them (``trace_step``) under ``memory.TensorTracker``,
+which counts the bytes of every tensor alive after each operation. ``plan_model`` does it for any model;
 ``deltatune.plan`` builds the runs of ``deltatune train`` and is the command line.
 
 Everything a ``MemoryPlan`` shows is measured in that fake run, not derived from formulas: the
@@ -16,13 +16,110 @@ import contextlib
 import copy
 import dataclasses
 import sys
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .core.errors import DeltatuneError
-from .memory import MB, StepTrace, mb, model_loss, trace_step
+from .memory import MB, SavedTensors, TensorTracker, StorageSet, mb, optimizer_state_bytes
+
+
+# ----------------------------------------------------------------------------- a training step
+
+@dataclasses.dataclass
+class StepTrace:
+    """Tensor bytes through training steps (``trace_step``). ``at_peak``: the gradients and
+    saved activations alive at the peak."""
+
+    start_bytes: int            # alive before the first step: weights, buffers, the batch, states
+    peak_bytes: int
+    peak_phase: str             # forward, backward, optimizer step
+    phase_peaks: dict[str, int]
+    saved_bytes: int            # saved for backward at the end of the last forward
+    gradient_bytes: int         # .grad after the last backward
+    state_bytes: int            # optimiser state after the last step
+    at_peak: dict[str, int]
+
+
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """``(output, loss)`` of ``model(**batch)``: the loop's ``(logits, loss)``, or an output with
+    ``.loss`` (transformers models given labels)."""
+    out = model(**batch)
+    loss = out[1] if isinstance(out, tuple) else out.loss
+    return out, loss
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, Mapping):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set)):
+            stack.extend(v)
+    return found
+
+
+def trace_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: Any,
+               loss_fn: Callable[[nn.Module, Any], tuple[Any, torch.Tensor]] = model_loss, steps: int = 2,
+               grad_accum: int = 1, max_grad_norm: float | None = 1.0, fake: bool = False) -> StepTrace:
+    """Run ``steps`` optimiser steps of ``grad_accum`` micro-batches each as ``deltatune train``
+    does (forward, backward, gradient clipping, ``optimizer.step()``, ``zero_grad(set_to_none)``)
+    and trace live tensor bytes. The model's output stays alive until the next forward has
+    returned, as the loop's ``_, loss = model(**batch)`` keeps it. The second step is the steady
+    state (optimiser states allocated), hence ``steps=2``. A zeroth-order optimiser
+    (``zeroth_order = True``) gets ``step(closure)`` with a forward under ``no_grad``.
+    ``fake=True`` for fake tensors (see ``TensorTracker``)."""
+    from .core.hooks import step_hook
+    from .optim import is_zeroth_order
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = list(model.parameters()) + list(model.buffers())
+    saved = SavedTensors(exclude=weights)
+
+    def snapshot() -> dict[str, int]:
+        seen = StorageSet()
+        return {"gradients": sum(seen.add(p.grad) for p in params if p.grad is not None), "saved": saved.live}
+
+    tracker = TensorTracker(fake=fake, snapshot=snapshot)
+    tracker.adopt(weights + [p.grad for p in params if p.grad is not None] + _tensors(batch)
+                  + _tensors(list(getattr(optimizer, "state", {}).values())))
+    start = tracker.live
+    saved_bytes = grads = 0
+    out = loss = None
+    with tracker:
+        optimizer.zero_grad(set_to_none=True)
+        for step in range(1, steps + 1):
+            if is_zeroth_order(optimizer):
+                def closure() -> torch.Tensor:
+                    with torch.no_grad():
+                        return loss_fn(model, batch)[1]
+                tracker.phase = "forward"
+                optimizer.step(closure)
+            else:
+                for _ in range(grad_accum):
+                    tracker.phase = "forward"
+                    with saved.hooks():
+                        out, loss = loss_fn(model, batch)
+                    saved_bytes = saved.live
+                    tracker.phase = "backward"
+                    (loss / grad_accum).backward()
+                    float(loss.detach())        # the loop logs the loss
+                grads = snapshot()["gradients"]
+                tracker.phase = "optimizer step"
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_hook(model, step)      # as the loop calls it: dylora's sampled rank insists on it
+    del out, loss
+    return StepTrace(start_bytes=start, peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
+                     phase_peaks=dict(tracker.peaks), saved_bytes=saved_bytes, gradient_bytes=grads,
+                     state_bytes=optimizer_state_bytes(optimizer).bytes, at_peak=dict(tracker.at_peak))
 
 
 @dataclasses.dataclass
