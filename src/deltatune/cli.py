@@ -1,4 +1,4 @@
-"""The ``deltatune`` command line: ``train``, ``methods``, ``inspect``, ``merge``, ``bench``.
+"""The ``deltatune`` command line: ``train``, ``plan``, ``methods``, ``inspect``, ``merge``, ``bench``.
 
 ``deltatune train`` with no options fine-tunes the packaged all-MiniLM-L6-v2 on BBC News with
 LoRA (r=8, alpha=16 on query and value). Method options are the fields of the method's config,
@@ -247,12 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace the merged model already in --out")
 
     b = sub.add_parser("bench", parents=[common], help="benchmarks: speed against Hugging Face PEFT; methods compared on a task")
-    bsub = b.add_subparsers(dest="bench", metavar="{speed,methods}", required=True)
+    bsub = b.add_subparsers(dest="bench", metavar="{speed,methods,optim}", required=True)
     from .bench.speed import add_arguments as speed_arguments
     speed_arguments(bsub.add_parser("speed", parents=[common], help="deltatune and PEFT side by side, timed interleaved"))
     from .bench.methods import add_arguments as methods_arguments
     methods_arguments(bsub.add_parser(
         "methods", parents=[common], help="train methods and the full / head-only baselines on one task: report and plots"))
+    from .bench.optim import add_arguments as optim_arguments
+    optim_arguments(bsub.add_parser(
+        "optim", parents=[common], help="one model trained with several optimizers against AdamW: state, time, memory, metric"))
+    from .plan import add_arguments as plan_arguments
+    plan_arguments(sub.add_parser(
+        "plan", parents=[common], help="predict the peak memory of a training run and its breakdown, without running it",
+        description="Predict peak training memory (frozen and trainable weights, gradients, optimizer states, "
+                    "activations) on fake tensors, loading no weights. Any other --option is a field of the "
+                    "method's config, as for train."))
     return parser
 
 
@@ -659,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     ns, extra = parser.parse_known_args(argv)
-    if extra and ns.command != "train":
+    if extra and ns.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = getattr(ns, "debug", False)
     try:
@@ -691,6 +700,12 @@ def run_command(ns: argparse.Namespace, extra: list[str]) -> int:
         return cmd_inspect(ns)
     if ns.command == "merge":
         return cmd_merge(ns)
+    if ns.command == "plan":
+        from .plan import main_plan
+        return main_plan(ns, extra)
+    if ns.command == "bench" and ns.bench == "optim":
+        from .bench.optim import main_optim
+        return main_optim(ns)
     if ns.command == "bench" and ns.bench == "methods":
         from .bench.methods import main_methods
         return main_methods(ns)
