@@ -304,6 +304,20 @@ def test_transformers_models_checkpoint_their_layers(build, loss_fn, layers):
     assert kept < plain / 3
 
 
+def test_transformers_input_grad_hook_is_not_left_behind():
+    """Non-reentrant checkpointing needs no input that requires a gradient: the hook transformers
+    adds for the reentrant variant is removed (it would differentiate the first layer for
+    nothing), unless the user had set it up before."""
+    ids = HF_IDS[:1, :4]
+    model = tiny_bert()
+    act.enable_gradient_checkpointing(model)
+    assert not model.encoder.get_input_embeddings()(ids).requires_grad
+    own = tiny_bert()
+    own.encoder.enable_input_require_grads()
+    act.enable_gradient_checkpointing(own)
+    assert own.encoder.get_input_embeddings()(ids).requires_grad
+
+
 def test_prefix_tuning_refuses_checkpointing():
     model = tiny_causal_lm(False)
     dt.attach(model, dt.config("prefix_tuning"))

@@ -157,6 +157,12 @@ def _enable_hf(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also hooks the input embeddings to make their output require a gradient,
+    # which only the reentrant variant needs; behind a frozen embedding it would make the
+    # backward pass differentiate the first layer with respect to its input for nothing. The
+    # handles it keeps are those of the hooks it just added (a user's earlier one stays)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def _hf_layers(model: nn.Module, prefix: str) -> list[str]:
@@ -224,11 +230,6 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
                 m.activation_checkpointing_disable()
             else:
                 m.gradient_checkpointing_disable()
-            if hasattr(m, "disable_input_require_grads"):
-                try:
-                    m.disable_input_require_grads()
-                except AttributeError:      # transformers only registers that hook for some models
-                    pass
 
 
 def is_gradient_checkpointing(model: nn.Module) -> bool:
