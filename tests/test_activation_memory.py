@@ -654,6 +654,16 @@ def test_the_lm_task_gets_the_chunked_loss_unless_turned_off(monkeypatch):
     assert lm.setup(TrainArgs(data="lm", max_length=16, chunked_loss=False)).model.chunked_loss is False
 
 
+def test_calibrated_method_under_checkpointing_equals_the_plain_run(tiny_text, tmp_path):
+    """LoRA-GA calibrates on gradients of a few batches before training; with checkpointing
+    enabled first, calibration runs through the checkpointed layers and gives the same start."""
+    opts = {"method_options": {"r": 4, "init": "lora_ga"}}
+    plain = train(text_args(tiny_text, tmp_path / "plain", **opts))
+    ckpt = train(text_args(tiny_text, tmp_path / "ckpt", gradient_checkpointing=True, **opts))
+    assert ckpt["final_train_loss"] == pytest.approx(plain["final_train_loss"], abs=1e-6)
+    assert ckpt["test_loss"] == pytest.approx(plain["test_loss"], abs=1e-6)
+
+
 def test_no_chunked_loss_is_for_the_lm_task_only():
     with pytest.raises(DeltatuneError, match="--no-chunked-loss applies to the causal-LM task"):
         TrainArgs(data="bbc", chunked_loss=False).validate()

@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import contextlib
 import hashlib
 import itertools
 import json
-import contextlib
 import math
 import random
 import resource
@@ -435,6 +435,11 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     trainable, total = dt.count_parameters(model)
     _log(f"{a.method} on {model_name}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / max(total, 1):.3f} %), lr {lr:g}, device {device}")
+    if a.gradient_checkpointing:        # before calibration, which may run backward passes too
+        blocks = enable_gradient_checkpointing(model)
+        _log(f"gradient checkpointing: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]})")
+    if cfg is not None and dt.get_method(cfg.method).calibrate is not None:
+        calibrate(model, train_split, a, device)
 
     params = [p for _, p in dt.trainable_parameters(model)]
     head_lr = default_lr("head", model_type(model)) if a.head_lr is None else float(a.head_lr)
@@ -449,11 +454,6 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         check_zeroth_order(a, optimizer)
     # the forward passes of the training steps run inside this context (offload hooks, or none)
     saved_activations = offload_activations(device, model) if a.offload_activations else contextlib.nullcontext()
-    if a.gradient_checkpointing:        # before calibration, which may run backward passes too
-        blocks = enable_gradient_checkpointing(model)
-        _log(f"gradient checkpointing: {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]})")
-    if cfg is not None and dt.get_method(cfg.method).calibrate is not None:
-        calibrate(model, train_split, a, device)
     batches_per_epoch = train_split.num_batches(a.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / a.grad_accum)
     total_steps = steps_per_epoch * a.epochs
