@@ -62,7 +62,8 @@ def main() -> int:
     for r in sorted({int(x) for x in ns.ranks.split(",")}, reverse=True):
         model = copy.deepcopy(setup.model)
         dt.truncate_rank(model, r)
-        trainable = sum(p.numel() for n, p in dt.trainable_parameters(model) if "deltas" in n.split("."))
+        # a loaded adapter is frozen: count its delta tensors, not the trainable ones
+        trainable = sum(p.numel() for n, p in model.named_parameters() if "deltas" in n.split("."))
         rows.append({"method": "dylora", "r": r, "delta_params": trainable,
                      setup.metric: evaluate(setup, model, device), "run": str(ns.run)})
         print(f"dylora r={r}: {setup.metric} {rows[-1][setup.metric]:.4f} ({trainable:,} delta parameters)")
