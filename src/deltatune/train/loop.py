@@ -410,6 +410,8 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
                 f"{str(ckpt.args.get('data_sha256'))[:16]} then, {str(data_hash)[:16]} now); --resume continues "
                 f"only on the same data: restore the file, or start a new run with --overwrite")
 
+    from ..plan import plan_for_train
+    _log(plan_for_train(a))     # before seeding: planning on fake tensors must not shift the run's RNG
     seed_everything(a.seed)
     device = pick_device(a.device)
     if a.offload_activations:
