@@ -75,7 +75,7 @@ def test_build_optimizer_names_the_choices():
     params = [nn.Parameter(torch.zeros(2))]
     assert isinstance(build_optimizer("sgd", [{"params": params}], 0.1, 0.0), torch.optim.SGD)
     assert isinstance(build_optimizer("adamw", [{"params": params}], 0.1, 0.0), torch.optim.AdamW)
-    with pytest.raises(DeltatuneError, match="available: adam, adamw, sgd"):
+    with pytest.raises(DeltatuneError, match="available: adam, adamw, .*sgd"):
         build_optimizer("lion", [{"params": params}], 0.1, 0.0)
 
 
