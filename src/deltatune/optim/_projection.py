@@ -200,10 +200,17 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     """Common ground of the projected optimizers (see the module docstring)."""
 
     def check_param(self, name: str, group: dict, p: torch.Tensor) -> None:
-        """Validate ``p``'s options in ``group`` (and resolve its rank); called for every parameter
-        as its group is added, so bad options fail before any step. Subclasses override it."""
+        """Validate ``p``'s options in ``group`` and resolve its rank; called for every parameter
+        as its group is added, so bad options fail before any step. Subclasses extend it."""
+        check_positive_int("update_proj_gap", group["update_proj_gap"])
+        self._index[p] = len(self._index)       # a parameter's position: its seed stream
+        if group["rank"] is not None and is_matrix(p):
+            self._ranks[p] = resolve_rank(name, group["rank"], p.shape, min_rank=MIN_RANK)
 
     def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "_ranks"):     # torch's __init__ adds the first groups, before a subclass could
+            self._ranks: dict[torch.Tensor, int] = {}
+            self._index: dict[torch.Tensor, int] = {}
         super().add_param_group(param_group)
         g, group = len(self.param_groups) - 1, self.param_groups[-1]
         names = group.get("param_names")
@@ -231,6 +238,25 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             state = self.state.get(p, {})
             for key, dtype in dtypes[i].items():
                 state[key] = state[key].to(dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for name, group, p in self.named_params():
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise DeltatuneError(f"{type(self).__name__} does not take sparse gradients ({name})")
+            step = self._projected_step if p in self._ranks else self.adamw_step
+            step(p, self.state[p], group)
+        return loss
+
+    def _projected_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        """One step of a projected matrix ``p``; each optimizer's own rule."""
+        raise NotImplementedError
 
     @staticmethod
     def adamw_step(p: torch.Tensor, state: dict, group: dict) -> None:

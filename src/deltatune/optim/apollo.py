@@ -11,8 +11,8 @@ import math
 import torch
 
 from . import register_optimizer
-from ._projection import (MIN_RANK, ProjectedOptimizer, adam_direction, as_matrix, check_hyperparameters,
-                          check_positive_int, gaussian_projector, is_matrix, project, projection_side, resolve_rank)
+from ._projection import (ProjectedOptimizer, adam_direction, as_matrix, check_hyperparameters, gaussian_projector,
+                          project, projection_side)
 from ..core.errors import DeltatuneError
 
 SCALE_TYPES = ("channel", "tensor")
@@ -64,37 +64,15 @@ class Apollo(ProjectedOptimizer):
         if norm_growth_limit is not None and not norm_growth_limit >= 1.0:
             raise DeltatuneError(f"norm_growth_limit must be >= 1 (or None), got {norm_growth_limit!r}")
         self.seed = seed
-        self._ranks: dict[torch.Tensor, int] = {}
-        self._index: dict[torch.Tensor, int] = {}     # a parameter's position: its seed stream
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         rank=rank, update_proj_gap=update_proj_gap,
                         scale=scale, scale_type=scale_type, norm_growth_limit=norm_growth_limit)
         super().__init__(params, defaults)
 
     def check_param(self, name: str, group: dict, p: torch.Tensor) -> None:
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
         if group["scale"] is not None and not group["scale"] > 0:
             raise DeltatuneError(f"scale must be positive (or None for sqrt(d / r)), got {group['scale']!r}")
-        self._index[p] = len(self._index)
-        if group["rank"] is not None and is_matrix(p):
-            self._ranks[p] = resolve_rank(name, group["rank"], p.shape, min_rank=MIN_RANK)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for name, group, p in self.named_params():
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise DeltatuneError(f"{type(self).__name__} does not take sparse gradients ({name})")
-            if p in self._ranks:
-                self._projected_step(p, self.state[p], group)
-            else:
-                self.adamw_step(p, self.state[p], group)
-        return loss
+        super().check_param(name, group, p)
 
     def projector(self, p: torch.Tensor, group: dict, step: int) -> torch.Tensor:
         """The random projector ``p`` uses at (0-based) ``step``: resampled every ``T`` steps."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import register_optimizer
-from ._projection import (MIN_RANK, ProjectedOptimizer, as_matrix, check_hyperparameters, check_positive_int,
-                          gaussian_projector, is_matrix, project, project_back, projection_side, resolve_rank)
+from ._projection import (ProjectedOptimizer, as_matrix, check_hyperparameters, gaussian_projector, project,
+                          project_back, projection_side)
 from ..core.errors import DeltatuneError
 
 _SEED_STRIDE = 1_000_003  # seeds of different parameters never meet: refresh k of parameter i is i*stride+k
@@ -54,34 +54,9 @@ class Flora(ProjectedOptimizer):
         if not clip_threshold > 0:
             raise DeltatuneError(f"clip_threshold must be positive, got {clip_threshold!r}")
         self.seed, self.clip_threshold = seed, clip_threshold
-        self._ranks: dict[torch.Tensor, int] = {}
-        self._index: dict[torch.Tensor, int] = {}     # a parameter's position: its seed stream
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap)
         super().__init__(params, defaults)
-
-    def check_param(self, name: str, group: dict, p: torch.Tensor) -> None:
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
-        self._index[p] = len(self._index)
-        if group["rank"] is not None and is_matrix(p):
-            self._ranks[p] = resolve_rank(name, group["rank"], p.shape, min_rank=MIN_RANK)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for name, group, p in self.named_params():
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise DeltatuneError(f"Flora does not take sparse gradients ({name})")
-            if p in self._ranks:
-                self._projected_step(p, self.state[p], group)
-            else:
-                self.adamw_step(p, self.state[p], group)
-        return loss
 
     def projector(self, p: torch.Tensor, group: dict, step: int) -> torch.Tensor:
         """The random projection ``A`` that ``p`` uses at (0-based) ``step``."""

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import register_optimizer
-from ._projection import (MIN_RANK, ProjectedOptimizer, adam_direction, as_matrix, check_hyperparameters,
-                          check_positive_int, is_matrix, project, project_back, projection_side, randomized_svd,
-                          resolve_rank)
+from ._projection import (ProjectedOptimizer, adam_direction, as_matrix, check_hyperparameters, project,
+                          project_back, projection_side, randomized_svd)
 from ._state8bit import QuantizedState, quantize_state
 from ..core.errors import DeltatuneError
 
@@ -64,35 +63,14 @@ class GaLoreAdamW(ProjectedOptimizer):
         if state_bits not in (8, 32):
             raise DeltatuneError(f"state_bits must be 32 or 8, got {state_bits!r}")
         self.svd, self.state_bits, self.seed = svd, state_bits, seed
-        self._ranks: dict[torch.Tensor, int] = {}     # filled by check_param as groups are added
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale)
         super().__init__(params, defaults)
 
     def check_param(self, name: str, group: dict, p: torch.Tensor) -> None:
-        check_positive_int("update_proj_gap", group["update_proj_gap"])
         if not group["scale"] > 0:
             raise DeltatuneError(f"scale must be positive, got {group['scale']!r}")
-        if group["rank"] is not None and is_matrix(p):
-            self._ranks[p] = resolve_rank(name, group["rank"], p.shape, min_rank=MIN_RANK)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for name, group, p in self.named_params():
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise DeltatuneError(f"GaLoreAdamW does not take sparse gradients ({name})")
-            state = self.state[p]
-            if p in self._ranks:
-                self._projected_step(p, state, group)
-            else:
-                self.adamw_step(p, state, group)
-        return loss
+        super().check_param(name, group, p)
 
     def _projected_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
         grad = as_matrix(p.grad).float()
