@@ -7,13 +7,15 @@ The file ``checkpoint.safetensors`` holds, as tensors:
   copies and adapter-level modules, which training may change (AdaLoRA's rank mask, BatchNorm
   statistics of a trained head) or which came from data (LoRA-GA's residual);
 - ``optim/<name>/<key>``: the optimizer's per-parameter state tensors (AdamW: ``step``,
-  ``exp_avg``, ``exp_avg_sq``);
+  ``exp_avg``, ``exp_avg_sq``; the projected optimizers: low-rank moments, projectors, 8-bit
+  codes and scales);
 - ``rng/torch`` (and ``rng/cuda/<i>``): the RNG states as uint8 tensors;
 
 and, in the safetensors metadata (string -> string), JSON documents: ``epoch`` (epochs
 completed), ``step`` (optimizer steps taken), ``metrics`` (the per-epoch history so far),
 ``args`` (the run's arguments), ``scheduler`` (its state_dict), ``optimizer`` (param groups with
-parameter *names* and any non-tensor state) and ``sha256`` (a digest of every tensor's name,
+parameter *names*, any non-tensor state, and ``extra``: what the optimizer's ``state_dict`` adds
+beside ``state`` and ``param_groups``, such as MeZO's seed and step count) and ``sha256`` (a digest of every tensor's name,
 dtype, shape and bytes, checked on load, so a corrupted file is refused rather than resumed).
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, then ``os.replace``d
@@ -27,6 +29,7 @@ as if the process were killed mid-write.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -137,21 +140,25 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     for n, b in adapter_buffers(model).items():
         tensors[f"buffer/{n}"] = b.detach().cpu().contiguous().clone()
 
+    # the optimizer's own state_dict, so that what an optimizer adds to it (MeZO's seed and step
+    # count) is kept; its integer parameter ids become the model's parameter names
+    full = optimizer.state_dict()
     groups, extra_state = [], {}
-    for group in optimizer.param_groups:
-        g = {k: v for k, v in group.items() if k != "params"}
+    for group, saved in zip(optimizer.param_groups, full["param_groups"]):
+        g = {k: v for k, v in saved.items() if k != "params"}
         g["params"] = []
-        for p in group["params"]:
+        for p, pid in zip(group["params"], saved["params"]):
             if id(p) not in names:
                 raise DeltatuneError("the optimizer holds a parameter that is not in the model")
             n = names[id(p)]
             g["params"].append(n)
-            for key, value in optimizer.state.get(p, {}).items():
+            for key, value in full["state"].get(pid, {}).items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"optim/{n}/{key}"] = value.detach().cpu().contiguous().clone()
                 else:
                     extra_state.setdefault(n, {})[key] = value
         groups.append(g)
+    extra = {k: v for k, v in full.items() if k not in ("state", "param_groups")}
     tensors["rng/torch"] = torch.get_rng_state().clone()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -166,7 +173,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         "metrics": _json(metrics, "metrics"),
         "args": _json(args, "args"),
         "scheduler": _json(sched, "scheduler state"),
-        "optimizer": _json({"class": type(optimizer).__name__, "param_groups": groups, "state": extra_state},
+        "optimizer": _json({"class": type(optimizer).__name__, "param_groups": groups, "state": extra_state,
+                            "extra": extra},
                            "optimizer state"),
         "sha256": _digest(tensors),
     }
@@ -181,6 +189,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
 # What reading a damaged safetensors buffer can raise: the library's own error, and what the torch
 # side raises for a dtype it has no tensor for (safetensors' F4/F6 come back as a KeyError).
 _READ_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, MemoryError, OverflowError)
+_STATE_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _DIGITS = re.compile(r"[0-9]{1,18}")      # a non-negative int64 written by save_checkpoint
 
 
@@ -218,6 +227,10 @@ def _check_layout(path: Path, bad: str, parsed: dict[str, Any], tensors: dict[st
     need(isinstance(state, dict) and all(n in grouped and isinstance(v, dict) and all(_is_scalar(x) for x in v.values())
                                          for n, v in state.items()),
          "optimizer.state must map the optimizer's parameter names to objects of numbers")
+    extra = opt.get("extra", {})
+    need(isinstance(extra, dict) and all(k not in ("state", "param_groups") and (_is_scalar(v) or (
+        isinstance(v, dict) and all(_is_scalar(x) for x in v.values()))) for k, v in extra.items()),
+         "optimizer.extra must map names to numbers or objects of numbers")
     rng_size = torch.get_rng_state().numel()
     for k, t in tensors.items():
         kind, _, rest = k.partition("/")
@@ -228,7 +241,9 @@ def _check_layout(path: Path, bad: str, parsed: dict[str, Any], tensors: dict[st
             name, _, key = rest.rpartition("/")
             need(name in grouped and bool(key), f"tensor {k} is optimizer state for {name!r}, which is not one of "
                                                 f"the optimizer's parameters")
-            need(t.dtype.is_floating_point, f"tensor {k} has dtype {t.dtype}; optimizer state is floating point")
+            # 8-bit optimizers keep integer codes
+            need(t.dtype.is_floating_point or t.dtype in _STATE_INT_DTYPES,
+                 f"tensor {k} has dtype {t.dtype}; optimizer state is floating point or integer codes")
             need(key not in state.get(name, {}), f"optimizer state {name}/{key} is stored twice")
         elif kind == "buffer":
             need(bool(rest), f"tensor {k!r} names no buffer")
@@ -321,24 +336,50 @@ def _is_count(value: Any) -> bool:
     return math.isfinite(value) and value >= 0 and float(value).is_integer()
 
 
-def _state_layout(optimizer: torch.optim.Optimizer,
-                  hyper: dict[str, Any]) -> dict[str, tuple[str, torch.dtype | None]] | Exception:
-    """What one step of this optimizer (with these hyperparameters) keeps per parameter: key ->
-    (kind, dtype), kind "scalar" (a 0-d tensor, AdamW's step), "param" (a tensor shaped like the
-    parameter) or "value" (not a tensor). Found by stepping a fresh optimizer of the same class on a
-    three-element probe (zero gradient), so it holds for any optimizer rather than a list of
-    known ones; the exception instead when the probe cannot step (an optimizer that needs a
-    closure, or hyperparameters it cannot run with, such as ``capturable`` on a CPU)."""
-    probe = torch.zeros(3, requires_grad=True)
-    probe.grad = torch.zeros(3)
+@dataclasses.dataclass(frozen=True)
+class _StateEntry:
+    """One key of an optimizer's per-parameter state: a tensor (with its shape and dtype) or a
+    plain value."""
+    tensor: bool
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+
+
+def _fresh_copy(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer with its settings (attributes such as GaLore's ``state_bits``, which torch's
+    pickling and ``copy`` drop) but no parameters, state, per-parameter records or hooks, nor the
+    step wrappers an LR scheduler patches onto the instance (they would step the original)."""
+    opt = object.__new__(type(optimizer))
+    for key, value in vars(optimizer).items():
+        if callable(value):
+            continue
+        if isinstance(value, dict) and (key.endswith("hooks") or any(isinstance(k, torch.Tensor) for k in value)):
+            value = type(value)()
+        opt.__dict__[key] = value
+    opt.state, opt.param_groups = collections.defaultdict(dict), []
+    return opt
+
+
+def _state_layout(optimizer: torch.optim.Optimizer, hyper: dict[str, Any],
+                  like: torch.Tensor) -> dict[str, _StateEntry] | Exception:
+    """What two steps of this optimizer (with these hyperparameters) keep for a parameter shaped
+    like ``like``. Found by stepping a copy of the optimizer (its own settings, such as 8-bit
+    states, with fresh state) on a zero probe of that shape, so it holds for any optimizer (projected ones keep moments of another shape, 8-bit ones
+    integer codes) rather than a list of known ones; the exception instead when the probe cannot
+    step (an optimizer that needs a closure, or hyperparameters it cannot run with, such as
+    ``capturable`` on a CPU). The global RNG is left as it was."""
+    probe = torch.zeros(tuple(like.shape), dtype=like.dtype, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
-            opt = type(optimizer)([{**hyper, "params": [probe]}])
-            opt.step()
+            opt = _fresh_copy(optimizer)
+            opt.add_param_group({**hyper, "params": [probe]})
+            for _ in range(2):      # some states appear from the second step on (APOLLO's previous norm)
+                opt.step()
     except Exception as e:      # noqa: BLE001 -- any failure is reported by the caller, or ends the probing
         return e
-    return {k: (("value", None) if not isinstance(v, torch.Tensor) else ("scalar" if v.dim() == 0 else "param", v.dtype))
+    return {k: _StateEntry(True, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else _StateEntry(False)
             for k, v in opt.state.get(probe, {}).items()}
 
 
@@ -422,7 +463,6 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
 def _optimizer_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state_dict to load, checked against the optimizer it goes into."""
     names = _param_names(model)
-    params = dict(model.named_parameters())
     saved_groups = ckpt.optimizer.get("param_groups", [])
     if ckpt.optimizer.get("class") != type(optimizer).__name__ or len(saved_groups) != len(optimizer.param_groups):
         raise CheckpointError(f"{ckpt.path}: optimizer {ckpt.optimizer.get('class')} with {len(saved_groups)} "
@@ -442,43 +482,52 @@ def _optimizer_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
                       hyper)
         g = {k: _as_current(v, hyper.get(k)) for k, v in saved_group.items() if k != "params"}
         g = {**{k: v for k, v in hyper.items() if k not in g}, **g}     # a field the file lacks keeps this run's value
-        layout = _state_layout(optimizer, g)
-        if isinstance(layout, Exception):
-            if not isinstance(_state_layout(optimizer, hyper), Exception):
-                # this run's own settings step, the checkpoint's do not: the file is at fault
-                raise CheckpointError(f"{ckpt.path}: {type(optimizer).__name__} cannot step with the checkpoint's "
-                                      f"hyperparameters ({type(layout).__name__}: {str(layout)[:200]}); the checkpoint "
-                                      f"is corrupted")
-            layout = None
+        layouts: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
         ids = []
         for p, n in zip(group["params"], current):
             prefix = f"optim/{n}/"
             st = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix) and "/" not in k[len(prefix):]}
             values = extra_state.get(n, {})
-            if layout is not None and (st or values):
+            if not (st or values):
+                ids.append(index)
+                index += 1
+                continue
+            shape_key = (tuple(p.shape), p.dtype)
+            if shape_key not in layouts:
+                layout = _state_layout(optimizer, g, p)
+                if isinstance(layout, Exception):
+                    if not isinstance(_state_layout(optimizer, hyper, p), Exception):
+                        # this run's own settings step, the checkpoint's do not: the file is at fault
+                        raise CheckpointError(f"{ckpt.path}: {type(optimizer).__name__} cannot step with the "
+                                              f"checkpoint's hyperparameters ({type(layout).__name__}: "
+                                              f"{str(layout)[:200]}); the checkpoint is corrupted")
+                    layout = None
+                layouts[shape_key] = layout
+            layout = layouts[shape_key]
+            if layout is not None:
                 # a parameter is stepped or not: a state with a key missing (or one this optimizer
                 # does not keep) fails only at the next optimizer step, far from the file
                 keys = set(st) | set(values)
-                if keys != set(layout) or any(layout[k][0] == "value" for k in st) or any(
-                        layout[k][0] != "value" for k in values):
+                if keys != set(layout) or any(not layout[k].tensor for k in st) or any(
+                        layout[k].tensor for k in values):
                     raise CheckpointError(f"{ckpt.path}: the optimizer state of {n} holds {sorted(keys)}, but "
                                           f"{type(optimizer).__name__} keeps {sorted(layout)} (tensors: "
-                                          f"{sorted(k for k, v in layout.items() if v[0] != 'value')})")
+                                          f"{sorted(k for k, v in layout.items() if v.tensor)})")
             for key, t in st.items():
-                like = optimizer.state.get(p, {}).get(key)
-                if isinstance(like, torch.Tensor):
-                    ok = tuple(t.shape) == tuple(like.shape)
-                elif layout is not None:
-                    ok = (t.dim() == 0) if layout[key][0] == "scalar" else tuple(t.shape) == tuple(params[n].shape)
+                if layout is not None:
+                    want = layout[key]
+                    ok = tuple(t.shape) == want.shape and (t.dtype.is_floating_point or t.dtype == want.dtype)
                 else:   # element-wise optimizers (AdamW, SGD, ...): a scalar step, tensors shaped like the parameter
-                    ok = t.dim() == 0 or tuple(t.shape) == tuple(params[n].shape)
+                    want = _StateEntry(True, tuple(p.shape), None)
+                    ok = t.dim() == 0 or tuple(t.shape) == tuple(p.shape)
                 if not ok:
-                    raise CheckpointError(f"{ckpt.path}: optimizer state {n}/{key} has shape {tuple(t.shape)}, which "
-                                          f"does not fit parameter {n} of shape {tuple(params[n].shape)}")
-                if layout is not None and layout[key][0] == "scalar" and t.dtype != layout[key][1]:
+                    raise CheckpointError(f"{ckpt.path}: optimizer state {n}/{key} is {tuple(t.shape)} {t.dtype} in "
+                                          f"the checkpoint, but {type(optimizer).__name__} keeps {want.shape} "
+                                          f"{want.dtype or ''} for parameter {n} of shape {tuple(p.shape)}")
+                if layout is not None and t.dim() == 0 and t.dtype.is_floating_point and t.dtype != want.dtype:
                     # torch casts per-parameter states to the parameter's dtype on load, but keeps a
                     # step count's own dtype, and its kernels do not take every one (float8)
-                    st[key] = t.to(layout[key][1])
+                    st[key] = t.to(want.dtype)
             step = st.get("step", values.get("step"))
             if step is not None and not _is_count(step):
                 # torch's optimizers all keep their step count as "step"; AdamW raises an OverflowError
@@ -492,4 +541,5 @@ def _optimizer_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
             index += 1
         g["params"] = ids
         state_dict["param_groups"].append(g)
+    state_dict.update(ckpt.optimizer.get("extra", {}))
     return state_dict
