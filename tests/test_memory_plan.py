@@ -48,7 +48,7 @@ def tiny_llama(tied: bool = False) -> CausalLMTask:
 def bert_params() -> int:
     embeddings = VOCAB * H + POS * H + 2 * H + 2 * H            # word, position, token type, LayerNorm
     layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H
-    return embeddings + LAYERS * layer + (H * H + H)           # + the pooler
+    return embeddings + LAYERS * layer          # TextClassifier drops BERT's unused pooler
 
 
 def llama_params(tied: bool) -> int:
@@ -284,11 +284,11 @@ def test_checkpointing_and_zeroth_order_plans_keep_fewer_activations():
 # ----------------------------------------------------------------------------- the built-in runs
 
 def minilm_params() -> tuple[int, int]:
-    """MiniLM-L6 (BERT: 6 layers, hidden 384, FFN 1536, vocabulary 30522, 512 positions)."""
+    """MiniLM-L6 (BERT: 6 layers, hidden 384, FFN 1536, vocabulary 30522, 512 positions; the pooler dropped)."""
     h, i, layers = 384, 1536, 6
     embeddings = 30522 * h + 512 * h + 2 * h + 2 * h
     layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
-    return embeddings + layers * layer + (h * h + h), layers * 2 * (8 * h + h * 8) + (h * 5 + 5)
+    return embeddings + layers * layer, layers * 2 * (8 * h + h * 8) + (h * 5 + 5)
 
 
 def test_plan_training_builds_minilm_on_meta_and_accounts_for_its_shapes():

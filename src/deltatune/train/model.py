@@ -146,6 +146,10 @@ def load_tokenizer(name_or_path: str = MINILM) -> Any:
 class TextClassifier(nn.Module):
     """Encoder + masked mean pooling + dropout + a new linear head named ``classifier``.
 
+    The encoder's own pooler (BERT's ``tanh`` layer over the first token), if it has one, is
+    removed: nothing reads it, and kept it would be counted as trained (full fine-tuning,
+    BitFit's biases) while never getting a gradient.
+
     ``forward(input_ids, attention_mask, labels=None)`` returns the logits ``(batch, num_labels)``,
     or ``(logits, loss)`` (mean cross-entropy) when ``labels`` are given.
     """
@@ -157,6 +161,8 @@ class TextClassifier(nn.Module):
             raise DeltatuneError("the encoder has no config.hidden_size: TextClassifier needs a Hugging Face encoder")
         if num_labels < 2:
             raise DeltatuneError(f"num_labels={num_labels}: a classifier needs at least 2 classes")
+        if isinstance(getattr(encoder, "pooler", None), nn.Module):
+            encoder.pooler = None       # transformers' BERT-family models skip a pooler set to None
         self.encoder = encoder
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_labels)
