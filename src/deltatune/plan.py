@@ -52,6 +52,7 @@ class RunSpec:
     precision: str = "fp32"
     head_dropout: float = 0.1
     weight_decay: float = 0.01
+    chunked_loss: bool = True                # the lm task's loss a chunk of tokens at a time, as train runs it
 
     def kind(self) -> str:
         data = self.task()
@@ -85,12 +86,15 @@ class RunSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "max_length" else 1):
                 raise DeltatuneError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        self.kind()
+        if self.kind() != "lm" and not self.chunked_loss:
+            raise DeltatuneError("--no-chunked-loss applies to the lm task only (a classifier has no "
+                                 "vocabulary-sized logits)")
 
     def describe(self) -> str:
         return (f"{self.method} on {self.model} ({self.task()}), batch {self.batch_size} x {self.max_length} tokens"
                 f"{f' x {self.grad_accum} accumulated' if self.grad_accum > 1 else ''}, {self.optimizer}, "
-                f"{self.precision}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}")
+                f"{self.precision}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+                f"{'' if self.kind() != 'lm' else ', chunked loss' if self.chunked_loss else ', plain loss'}")
 
 
 def _config(spec: RunSpec) -> Any:
@@ -120,11 +124,12 @@ def build_model(spec: RunSpec, device: str = "meta") -> nn.Module:
         config = _config(spec)
         with torch.device("meta"):
             if kind == "lm":
-                model: nn.Module = CausalLMTask(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+                model: nn.Module = CausalLMTask(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+                                                 chunked_loss=spec.chunked_loss)
             else:
                 model = TextClassifier(tf.AutoModel.from_config(config), _num_labels(spec.task()), spec.head_dropout)
     else:
-        model = (CausalLMTask(load_causal_lm(spec.model)[0]) if kind == "lm"
+        model = (CausalLMTask(load_causal_lm(spec.model)[0], chunked_loss=spec.chunked_loss) if kind == "lm"
                  else build_classifier(spec.model, _num_labels(spec.task()), dropout=spec.head_dropout))
     head = "classifier" if kind == "text" else None
     if spec.method in BASELINES:
@@ -185,7 +190,8 @@ def plan_for_train(args: Any) -> str:
                    max_length=args.max_length, optimizer=args.optimizer,
                    gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
                    grad_accum=args.grad_accum, precision=args.precision, head_dropout=args.head_dropout,
-                   weight_decay=args.weight_decay)
+                   weight_decay=args.weight_decay,
+                   chunked_loss=bool(getattr(args, "chunked_loss", True)) or TASKS[task] != "lm")
     try:
         return str(plan_training(spec))
     except Exception as e:      # a prediction that cannot be made must not stop the run it describes
@@ -209,6 +215,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="plan with gradient checkpointing")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false",
+                   help="plan the lm task with the plain loss (all tokens x vocabulary logits at once), "
+                   "as deltatune train --no-chunked-loss runs it")
     p.add_argument("--measure", action="store_true", help="then run two real steps (reads the weights) and print "
                    "the measured tensor peak and peak RSS next to the prediction")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (and measurement) as JSON")
@@ -229,7 +238,7 @@ def main_plan(ns: argparse.Namespace, extra: list[str] | tuple[str, ...] = ()) -
     from .train.loop import BASELINES
     spec = RunSpec(model=ns.model, data=ns.data, method=ns.method, batch_size=ns.batch_size,
                    max_length=ns.max_length, optimizer=ns.optimizer, gradient_checkpointing=ns.gradient_checkpointing,
-                   grad_accum=ns.grad_accum, precision=ns.precision)
+                   grad_accum=ns.grad_accum, precision=ns.precision, chunked_loss=ns.chunked_loss)
     spec.validate()         # an unknown method is named before its options are parsed
     if ns.method in BASELINES:
         if extra:
