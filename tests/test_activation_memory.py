@@ -751,6 +751,23 @@ def test_zeroth_order_refuses_backward_only_options(tiny_text, tmp_path, dummy_z
         train(text_args(tiny_text, tmp_path / "zo", optimizer="dummy_zo", **opts))
 
 
+def test_zeroth_order_losses_are_deterministic_functions_of_the_parameters(tiny_text, tmp_path, monkeypatch):
+    """SPSA differences two losses; with dropout drawing new masks per forward the difference
+    would measure the masks. The loop runs zeroth-order steps with dropout off: the closure
+    called twice at the same parameters gives the same loss (the tiny BERT and the head have
+    dropout 0.1)."""
+    seen = []
+
+    class Twice(DummyZeroOrder):
+        def step(self, closure=None):
+            seen.append((float(closure()), float(closure())))
+            return super().step(closure)
+
+    monkeypatch.setitem(OPTIMIZERS, "twice_zo", lambda groups, lr, wd: Twice(groups, lr=lr))
+    train(text_args(tiny_text, tmp_path / "zo", optimizer="twice_zo", lr=1e-3))
+    assert seen and all(a == b for a, b in seen)
+
+
 def test_mezo_trains_from_the_command_line(tiny_text, tmp_path, capsys):
     if "mezo" not in OPTIMIZERS:
         pytest.skip("deltatune.optim has no mezo yet")

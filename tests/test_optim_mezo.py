@@ -323,3 +323,52 @@ def test_the_state_dict_copies():
     state = copy.deepcopy(opt.state_dict())
     assert state["zeroth_order"] == {"seed": 0, "steps": 1}
     assert [state["state"][i]["threshold"] for i in range(2)] == pytest.approx(thresholds, abs=0)
+
+
+def test_z_is_drawn_in_chunks_as_the_definition_with_chunked_draws(monkeypatch):
+    """With ``Z_CHUNK`` = 16, a 10 x 13 tensor gets ``z`` as nine consecutive draws of 16 (the last
+    of 2) from the step's seed: the update equals SPSA written out with that ``z``."""
+    import deltatune.optim.mezo as mezo_module
+    monkeypatch.setattr(mezo_module, "Z_CHUNK", 16)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10, 13))
+    w = torch.randn(10, 13)
+    theta = p.detach().clone()
+    opt = mezo_module.MeZO([p], lr=1e-2, eps=1e-3, seed=5)
+
+    def loss():
+        return (p * w).sum() ** 2 / 100
+
+    opt.step(loss)
+    gen = torch.Generator().manual_seed(mezo_module.step_seed(5, 0))
+    z = torch.cat([torch.randn(min(16, 130 - s), generator=gen) for s in range(0, 130, 16)]).view(10, 13)
+    value = lambda t: float(((t * w).sum() ** 2 / 100).double())     # noqa: E731
+    g = (value(theta + 1e-3 * z) - value(theta - 1e-3 * z)) / 2e-3
+    torch.testing.assert_close(p.detach(), theta - 1e-2 * g * z, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_mezo_chunks_keep_large_entries_fixed(monkeypatch):
+    import deltatune.optim.mezo as mezo_module
+    monkeypatch.setattr(mezo_module, "Z_CHUNK", 16)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(7, 11))      # 77 entries: chunks of 16 and a last of 13
+    before = p.detach().clone()
+    opt = mezo_module.SparseMeZO([p], lr=1e-1, eps=1e-2, sparsity=0.5)
+    for _ in range(3):
+        opt.step(lambda: (p ** 3).sum())
+    h = opt.state[p]["threshold"]
+    large = before.abs() > h
+    assert large.any() and (~large).any()
+    assert torch.equal(p.detach()[large], before[large])
+    assert not torch.equal(p.detach()[~large], before[~large])
+
+
+def test_a_step_holds_one_chunk_of_z_not_the_largest_tensor():
+    """A 4M-entry parameter (16 MB): the step's allocations above the parameter stay near one
+    chunk of ``z`` (4 MB), far below a parameter-sized draw."""
+    from deltatune.measure import allocator_peak
+    from deltatune.optim.mezo import MeZO, Z_CHUNK
+    p = torch.nn.Parameter(torch.zeros(2048, 2048))
+    opt = MeZO([p], lr=1e-6)
+    peak = allocator_peak(lambda: opt.step(lambda: p.sum()))
+    assert peak <= 1.5 * Z_CHUNK * 4 < p.numel() * 4

@@ -7,8 +7,8 @@ draws a seed ``s`` and, with ``z ~ N(0, I)`` regenerated from ``s`` at every pas
     g = (ℓ+ - ℓ-) / (2 ε);  θ -= lr (g z + wd θ)
 
 Memory: no copy of θ and no stored ``z``. ``z`` is redrawn tensor by tensor from a
-``torch.Generator`` seeded with ``s`` (one per device, parameters visited in group order), so at
-most one parameter-sized ``z`` is alive at a time; between steps the optimizer holds two ints (the
+``torch.Generator`` seeded with ``s`` (one per device, parameters visited in group order, each in
+flat chunks of ``Z_CHUNK`` entries), so at most one chunk of ``z`` is alive at a time; between steps the optimizer holds two ints (the
 seed and the step count). Restoring is float addition, ``(θ + ε z - 2 ε z) + ε z``: bit-exact
 for about half the entries, within an ulp of ``|θ| + 2ε|z|`` for the rest (the paper's trick, kept
 as is). The restore and the update share one regeneration of ``z``: a step draws ``z`` three times.
@@ -44,6 +44,7 @@ from ..core.errors import DeltatuneError
 from . import register_optimizer
 
 _U64 = (1 << 64) - 1
+Z_CHUNK = 1 << 20        # entries of z drawn at once (a multiple of 8: Sparse MeZO's masks are bytes of 8)
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -96,21 +97,30 @@ class MeZO(torch.optim.Optimizer):
     def _end(self) -> None:
         """Drop what ``_begin`` made."""
 
-    def _mask(self, index: int, p: torch.Tensor) -> torch.Tensor | None:
+    def _mask(self, index: int, p: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """The 0/1 mask of entries ``start:stop`` of tensor ``index`` (flattened), or None: all."""
         return None
 
     def _walk(self, seed: int, visit: Callable[[dict[str, Any], torch.Tensor, torch.Tensor, Any], None]) -> None:
-        """``visit(group, p, z, mask)`` for each tensor, ``z`` drawn afresh from ``seed``."""
+        """``visit(group, piece, z, mask)`` for each tensor, a flat piece of at most ``Z_CHUNK``
+        entries at a time, ``z`` drawn afresh from ``seed``: one chunk of ``z`` is alive at a time,
+        not one the size of the largest tensor (MiniLM's word embeddings: 47 MB)."""
         generators: dict[torch.device, torch.Generator] = {}
         for i, (group, p) in enumerate(self._tensors()):
             if p.device not in generators:
                 generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            z = torch.randn(p.shape, generator=generators[p.device], dtype=p.dtype, device=p.device)
-            mask = self._mask(i, p)
-            if mask is not None:
-                z.mul_(mask)
-            visit(group, p, z, mask)
-            del z, mask         # before the next tensor's draw: one z alive at a time
+            flat = p.view(-1) if p.is_contiguous() else None
+            chunk = Z_CHUNK if flat is not None else p.numel()     # a strided tensor is drawn whole
+            for start in range(0, p.numel(), chunk):
+                stop = min(start + chunk, p.numel())
+                piece = flat[start:stop] if flat is not None else p
+                z = torch.randn(piece.shape, generator=generators[p.device], dtype=p.dtype, device=p.device)
+                mask = self._mask(i, p, start, stop)
+                if mask is not None:
+                    mask = mask.view(piece.shape)
+                    z.mul_(mask)
+                visit(group, piece, z, mask)
+                del z, mask         # before the next draw: one chunk of z alive at a time
 
     def _perturb(self, seed: int, scale: float) -> None:
         self._walk(seed, lambda group, p, z, mask: p.add_(z, alpha=scale))
@@ -209,11 +219,11 @@ class SparseMeZO(MeZO):
     def _end(self) -> None:
         self._bits = {}
 
-    def _mask(self, index: int, p: torch.Tensor) -> torch.Tensor:
-        """The step's mask of tensor ``index`` unpacked: 0/1 as uint8, a quarter of a float32 ``z``."""
-        bits = self._bits[index]
-        unpacked = bits[:, None].bitwise_and(_BIT_WEIGHTS.to(bits.device)).ne_(0).flatten()[:p.numel()]
-        return unpacked.view(p.shape)
+    def _mask(self, index: int, p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The step's mask of entries ``start:stop`` of tensor ``index`` unpacked: 0/1 as uint8, a
+        quarter of the float32 ``z`` it multiplies (``start`` is a multiple of 8)."""
+        bits = self._bits[index][start // 8:(stop + 7) // 8]
+        return bits[:, None].bitwise_and(_BIT_WEIGHTS.to(bits.device)).ne_(0).flatten()[:stop - start]
 
     def state_bytes(self) -> int:
         """The thresholds (a float each) plus the step's packed mask (``numel / 8`` bytes), held

@@ -480,7 +480,10 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         spent = sum(h["train_seconds"] for h in history) + epoch_seconds
         return a.budget_seconds is not None and spent >= a.budget_seconds
 
-    model.train()
+    # a zeroth-order step compares the losses of two forward passes: with dropout on, their
+    # difference would measure the masks, not the perturbation (MeZO's trainer runs them in eval
+    # mode, as here; evaluation restores the mode it found)
+    model.train(not zeroth_order)
     for epoch in range(start_epoch, a.epochs):
         if budget_spent(0.0):       # e.g. resumed with a budget the earlier epochs already used
             stopped_early = True
