@@ -79,6 +79,12 @@ def test_bench_optim_report_fields_ratios_and_peers(tmp_path):
     with pytest.raises(DeltatuneError, match="already holds a report"):
         main_optim(ns)
 
+    # notes added to results.json by hand appear in the report rewritten from it
+    results["notes"] = ["adamw ran under heavier load"]
+    (out / "results.json").write_text(json.dumps(results))
+    assert main_optim(parse(["--replot", str(out)])) == 0
+    assert "## Notes\n\n- adamw ran under heavier load" in (out / "report.md").read_text()
+
 
 def test_state_bytes_count_projectors_inside_objects_once():
     w, b = nn.Parameter(torch.randn(24, 40)), nn.Parameter(torch.zeros(24))

@@ -277,6 +277,8 @@ def report_markdown(results: dict[str, Any]) -> str:
               "after training; *step time*: train seconds per optimizer step; the peers project the same matrices "
               "at deltatune's default ranks (see `deltatune/bench/optim.py`).", "",
               "![metric vs optimizer state](metric_vs_state.png)"]
+    if results.get("notes"):    # added to results.json by hand after the run (then --replot)
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     failed = [r for r in results["runs"] if r["status"] != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]
