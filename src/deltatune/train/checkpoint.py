@@ -521,9 +521,10 @@ def _optimizer_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
                     want = _StateEntry(True, tuple(p.shape), None)
                     ok = t.dim() == 0 or tuple(t.shape) == tuple(p.shape)
                 if not ok:
-                    raise CheckpointError(f"{ckpt.path}: optimizer state {n}/{key} is {tuple(t.shape)} {t.dtype} in "
-                                          f"the checkpoint, but {type(optimizer).__name__} keeps {want.shape} "
-                                          f"{want.dtype or ''} for parameter {n} of shape {tuple(p.shape)}")
+                    raise CheckpointError(f"{ckpt.path}: optimizer state {n}/{key} has shape {tuple(t.shape)} ({t.dtype}) "
+                                          f"in the checkpoint, but {type(optimizer).__name__} keeps "
+                                          f"{want.shape}{f' ({want.dtype})' if want.dtype else ''} for parameter {n} "
+                                          f"of shape {tuple(p.shape)}")
                 if layout is not None and t.dim() == 0 and t.dtype.is_floating_point and t.dtype != want.dtype:
                     # torch casts per-parameter states to the parameter's dtype on load, but keeps a
                     # step count's own dtype, and its kernels do not take every one (float8)
