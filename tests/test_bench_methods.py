@@ -94,7 +94,7 @@ def test_budget_not_reached_changes_nothing(tiny_model, toy_csv, tmp_path):
 
 # ----------------------------------------------------------------------------- bench methods
 
-def test_bench_methods_report_plots_baselines_and_a_failure(tiny_model, toy_csv, tmp_path, capsys):
+def test_bench_methods_report_plots_baselines_and_a_failure(tiny_model, toy_csv, tmp_path, capsys, monkeypatch):
     out, work = tmp_path / "report", tmp_path / "work"
     # ia3 aimed at a module that does not exist: that run fails, the others go on
     options = json.dumps({"lora": {"r": 4, "lr": 5e-2}, "ia3": {"targets": ["nosuch"]}})
@@ -142,6 +142,23 @@ def test_bench_methods_report_plots_baselines_and_a_failure(tiny_model, toy_csv,
     report = (out / "report.md").read_text()
     assert "Runs of `ia3` replaced on" in report and updated["updates"][0]["command"] in report
     assert "**failed**" not in report
+
+    # two --update runs side by side: the one finishing last must keep the other's row, so the
+    # report is read again when it is merged, not only at the start
+    import deltatune.bench.methods as bench_methods
+    real_run_one = bench_methods.run_one
+
+    def run_one_while_another_lands(run, *args, **kwargs):
+        rec = real_run_one(run, *args, **kwargs)
+        other = json.loads((out / "results.json").read_text())
+        other["runs"][0] = {**other["runs"][0], "metrics": {**other["runs"][0]["metrics"], "marker": 1}}
+        (out / "results.json").write_text(json.dumps(other))
+        return rec
+
+    monkeypatch.setattr(bench_methods, "run_one", run_one_while_another_lands)
+    assert cli.main(["bench", "methods", "--methods", "ia3", "--epochs", "2", *same]) == 0
+    both = json.loads((out / "results.json").read_text())
+    assert both["runs"][0]["metrics"].get("marker") == 1 and len(both["updates"]) == 2
 
 
 def test_bench_methods_bad_input_fails_before_any_run(capsys, tmp_path):

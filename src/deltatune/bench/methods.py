@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
+import fcntl
 import io
 import json
 import os
@@ -41,7 +43,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..core.errors import DeltatuneError
 from ..files import atomic_write_bytes
@@ -600,6 +602,18 @@ def rewrite_report(folder: Path) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _report_lock(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``out`` while its report is read, merged and written, so that
+    several ``--update`` runs on one report can train side by side without losing rows."""
+    with open(out / ".report.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def main_methods(ns: argparse.Namespace) -> int:
     if getattr(ns, "replot", None):
         return rewrite_report(Path(ns.replot))
@@ -625,18 +639,20 @@ def main_methods(ns: argparse.Namespace) -> int:
         durations.append(rec["wall_seconds"])
         records.append(rec)
     metric = task_metric(ns.task)
-    if previous is not None:
-        results = merge_update(previous, records, command, stamp)
-    else:
-        results = {"task": ns.task, "command": command, "started": stamp,
-                   "wall_seconds": round(time.perf_counter() - started, 1),
-                   "settings": {k: getattr(ns, k) for k in SHARED_SETTINGS}, "versions": _versions(),
-                   "metric": metric, "runs": records}
-    results["summary"] = analyse(results["runs"], metric)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", report_markdown(results).encode())
-    write_plots(results, out)
+    with _report_lock(out):
+        if previous is not None:
+            # read again: another --update on this report may have finished while these runs trained
+            results = merge_update(previous_results(ns, out), records, command, stamp)
+        else:
+            results = {"task": ns.task, "command": command, "started": stamp,
+                       "wall_seconds": round(time.perf_counter() - started, 1),
+                       "settings": {k: getattr(ns, k) for k in SHARED_SETTINGS}, "versions": _versions(),
+                       "metric": metric, "runs": records}
+        results["summary"] = analyse(results["runs"], metric)
+        atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "report.md", report_markdown(results).encode())
+        write_plots(results, out)
     failed = [r["method"] for r in records if r["status"] != "ok"]
     print(f"\nwrote {out / 'report.md'}, results.json and 3 plots in {_fmt_seconds(time.perf_counter() - started)}"
           + (f"; FAILED: {', '.join(failed)} (see the report)" if failed else ""), flush=True)
