@@ -23,7 +23,7 @@ from .methods.lowrank.dora import DoraConfig
 from .methods.lowrank.lora import LoraConfig
 from .methods.prompts.prompt_tuning import PromptTuningConfig
 from .methods.scaling.ia3 import IA3Config
-from .quant import quantize
+from .quant import qfx, qfx_export, quantize
 
 __version__ = "0.1.0"
 

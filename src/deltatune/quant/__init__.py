@@ -1,4 +1,6 @@
-"""Quantised frozen bases: ``dt.quantize(model, "nf4" | "int8", targets=...)`` (QLoRA's base).
+"""Quantised frozen bases: ``dt.quantize(model, "nf4" | "int8", targets=...)`` (QLoRA's base);
+trainable fixed point: ``dt.qfx`` (``qfx``), ``dt.qfx_export`` and ``integer_infer`` (``integer``),
+on the HLS types of ``fixed_point``.
 
 ``quantize`` replaces the targeted ``nn.Linear`` modules, in place, by ``QuantLinear`` (block-wise
 absmax, see ``blockwise``); any weight method then attaches on top (LoRA on an NF4 base is
@@ -18,8 +20,11 @@ from ..core.errors import DeltatuneError
 from ..core.matching import adapters, match_modules, unwrap, walk
 from ..core.wrapper import DeltaLayer, ModuleCopies
 from .blockwise import BLOCK_SIZE, SCHEMES, QuantLinear, RequantizationError, nf4_levels
+from .integer import IntegerResult, integer_infer, qfx_export
+from .qfx import QfxConfig, qfx
 
-__all__ = ["SCHEMES", "QuantLinear", "RequantizationError", "nf4_levels", "quantize", "requantization_errors"]
+__all__ = ["SCHEMES", "IntegerResult", "QfxConfig", "QuantLinear", "RequantizationError", "integer_infer", "nf4_levels",
+           "qfx", "qfx_export", "quantize", "requantization_errors"]
 
 
 @dataclasses.dataclass

@@ -66,6 +66,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.errors import DeltatuneError
+from ..quant.ops import Add, GlobalAvgPool
 from .tasks import EqualSizeSplit
 
 MODEL_NAME = "efficientnet_lite0"
@@ -83,12 +84,17 @@ class SameConv2d(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow ``"SAME"`` padding: output size ``ceil(in / stride)``, the
     extra pixel of an odd total padding going to the bottom/right."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def explicit_padding(self, shape: torch.Size) -> list[int]:
+        """``F.pad``'s ``[left, right, top, bottom]`` for an input of this shape."""
         pads = []
-        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+        for size, k, s in zip(shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, self.explicit_padding(x.shape)), self.weight, self.bias, self.stride, 0,
+                        self.dilation, self.groups)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> SameConv2d:
@@ -97,7 +103,8 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> Same
 
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand (unless ratio 1), depthwise kxk, 1x1 project; ReLU6 after
-    the first two; a residual when shape is kept. Names follow the checkpoint's."""
+    the first two; a residual when shape is kept. Names follow the checkpoint's. Activations,
+    the residual sum and the pooling are modules so that ``dt.qfx`` can quantise each of them."""
 
     def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int):
         super().__init__()
@@ -105,19 +112,23 @@ class MBConv(nn.Module):
         if expand != 1:
             self._expand_conv = _conv(cin, mid, 1)
             self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+            self._act0 = nn.ReLU6()
         self._depthwise_conv = _conv(mid, mid, k, stride, groups=mid)
         self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._act1 = nn.ReLU6()
         self._project_conv = _conv(mid, cout, 1)
         self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
         self.residual = stride == 1 and cin == cout
+        if self.residual:
+            self._add = Add()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         if hasattr(self, "_expand_conv"):
-            h = F.relu6(self._bn0(self._expand_conv(h)))
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+            h = self._act0(self._bn0(self._expand_conv(h)))
+        h = self._act1(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
-        return h + x if self.residual else h
+        return self._add(h, x) if self.residual else h
 
 
 class EfficientNetLite0(nn.Module):
@@ -128,6 +139,7 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         self._conv_stem = _conv(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        self._act_stem = nn.ReLU6()
         blocks, cin = [], 32
         for expand, k, stride, cout, repeats in STAGES:
             for i in range(repeats):
@@ -136,13 +148,15 @@ class EfficientNetLite0(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = _conv(cin, 1280, 1)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._act_head = nn.ReLU6()
+        self._pool = GlobalAvgPool()
         self._fc = nn.Linear(1280, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu6(self._bn0(self._conv_stem(x)))
+        h = self._act_stem(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             h = block(h)
-        return F.relu6(self._bn1(self._conv_head(h))).mean(dim=(2, 3))
+        return self._pool(self._act_head(self._bn1(self._conv_head(h))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x))
