@@ -168,9 +168,12 @@ def _overflow(k: torch.Tensor, fmt: FixedFormat) -> torch.Tensor:
     return k.clamp(lo, hi)
 
 
-def quantize_integer(x: torch.Tensor, fmt: FixedFormat) -> torch.Tensor:
-    """The integer ``k`` (as float64) whose value ``k * 2^-F`` is ``x`` assigned to ``fmt``."""
-    v = torch.ldexp(x.detach().to(torch.float64), torch.tensor(float(fmt.frac_bits), dtype=torch.float64))
+def quantize_integer(x: torch.Tensor, fmt: FixedFormat, frac_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer ``k`` (as float64) whose value ``k * 2^-F`` is ``x`` assigned to ``fmt``;
+    ``frac_bits`` (a tensor broadcasting against ``x``) gives each element its own ``F``, as
+    types that differ per channel, with ``fmt``'s width and modes."""
+    frac = torch.tensor(float(fmt.frac_bits), dtype=torch.float64) if frac_bits is None else frac_bits.to(torch.float64)
+    v = torch.ldexp(x.detach().to(torch.float64), frac)
     magnitude = v.abs()
     n = torch.floor(magnitude)
     k = _round_magnitude(n, magnitude - n, v < 0, fmt.quant)

@@ -54,8 +54,24 @@ def _fmt(d: dict) -> FixedFormat:
 
 
 def _acc_bits(op, input_fmt: FixedFormat, fan_in: int, other: FixedFormat | None) -> int:
-    bits = input_fmt.width + op.weight.format().width + math.ceil(math.log2(max(fan_in, 1)))
+    bits = input_fmt.width + op.weight.width + math.ceil(math.log2(max(fan_in, 1)))
     return bits + (1 if other is not None else 0)
+
+
+def _weight_json(q) -> dict:
+    """A weight's type: ``int_bits`` is a list (one per output channel) for a per-channel type."""
+    formats = q.channel_formats()
+    doc = _fmt_json(formats[0])
+    if q.per_channel:
+        doc["int_bits"] = [f.int_bits for f in formats]
+    return doc
+
+
+def _frac(doc: dict, ndim: int) -> int | np.ndarray:
+    """Fraction bits of a (possibly per-channel) type, shaped for values with channels on axis 1."""
+    if isinstance(doc["int_bits"], list):
+        return (doc["width"] - np.asarray(doc["int_bits"], dtype=np.int64)).reshape(1, -1, *([1] * (ndim - 2)))
+    return doc["width"] - doc["int_bits"]
 
 
 def qfx_export(model: torch.nn.Module, folder: str | Path, header: bool = True) -> Path:
@@ -96,10 +112,11 @@ def qfx_export(model: torch.nn.Module, folder: str | Path, header: bool = True) 
             if isinstance(op, QfxWeighted):
                 if bool(op.quantize_input):
                     rec["input_format"] = _fmt_json(op.input.format())
-                w_fmt = op.weight.format()
                 w = op.quantized_weight().double()
-                tensors[f"{name}.weight"] = quantize_integer(w, w_fmt).to(torch.int64)
-                rec["weight_format"] = _fmt_json(w_fmt)
+                rec["weight_format"] = _weight_json(op.weight)
+                w_frac = torch.tensor([op.weight.width - f.int_bits for f in op.weight.channel_formats()],
+                                      dtype=torch.float64).reshape(-1, *([1] * (w.dim() - 1)))
+                tensors[f"{name}.weight"] = quantize_integer(w, op.weight.channel_formats()[0], w_frac).to(torch.int64)
                 b_fmt = None
                 if op.bias is not None:
                     b_fmt = op.bias.format()
@@ -155,34 +172,40 @@ def _header(records: list[dict], tensors: dict[str, torch.Tensor]) -> str:
             key = f"{rec['name']}.{part}"
             if key not in tensors:
                 continue
-            fmt = _fmt(rec[f"{part}_format"])
+            doc = dict(rec[f"{part}_format"])
             ident = key.replace(".", "_")
             values = ", ".join(str(int(v)) for v in tensors[key].flatten().tolist())
-            # the integers are the types' raw bits: ap_fixed's range constructor would round, so
-            # each value is set from its integer through .range()
+            # the integers are the types' raw bits (value = raw * 2^-F), set through .range() on
+            # the target; a per-channel type lists each channel's integer bits
             lines.append(f"// {key}: {list(tensors[key].shape)}")
-            lines.append(f"typedef {fmt.hls()} {ident}_t;")
+            if isinstance(doc["int_bits"], list):
+                per_channel = doc.pop("int_bits")
+                lines.append(f"static const int {ident}_int_bits[{len(per_channel)}] = "
+                             f"{{{', '.join(map(str, per_channel))}}};  // ap_fixed<{doc['width']}, I_c>")
+                doc["int_bits"] = max(per_channel)
+            lines.append(f"typedef {_fmt(doc).hls()} {ident}_t;")
             lines.append(f"static const long long {ident}_raw[{tensors[key].numel()}] = {{{values}}};")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- integer arithmetic
 
-def int_cast(k: np.ndarray, frac: int, fmt: FixedFormat) -> np.ndarray:
-    """Integers ``k`` with ``frac`` fraction bits assigned to ``fmt``: integer shifts only."""
-    k = k.astype(np.int64)
-    d = frac - fmt.frac_bits
-    if d <= 0:
-        _check_shift(k, -d)
-        n = k << np.int64(-d)
-    else:
-        if d >= 63:         # every bit is dropped
-            return _overflow(_round_all_dropped(k, fmt), fmt)
-        n = k >> np.int64(d)                               # arithmetic: floor
-        rem = k - (n << np.int64(d))                       # in [0, 2^d)
-        half = np.int64(1) << np.int64(d - 1)
-        n = n + _round_up(n, rem, half, k < 0, fmt.quant).astype(np.int64)
-    return _overflow(n, fmt)
+def int_cast(k: np.ndarray, frac, fmt: FixedFormat) -> np.ndarray:
+    """Integers ``k`` with ``frac`` fraction bits (a number, or an array broadcasting against
+    ``k``: per-channel types) assigned to ``fmt``: integer shifts only."""
+    k = np.asarray(k, dtype=np.int64)
+    d = np.asarray(frac, dtype=np.int64) - fmt.frac_bits
+    if (d >= 63).any():         # every bit is dropped
+        if not (d >= 63).all():
+            raise DeltatuneError("integer_infer: a cast drops 63 bits or more from some channels only")
+        return _overflow(_round_all_dropped(k, fmt), fmt)
+    left, right = np.maximum(-d, 0), np.maximum(d, 0)
+    _check_shift(k, int(left.max()) if left.size else 0)
+    k = k << left
+    n = k >> right                                         # arithmetic: floor
+    rem = k - (n << right)                                 # the dropped bits, in [0, 2^right)
+    half = np.int64(1) << np.maximum(right - 1, 0)         # right = 0: rem is 0 and nothing rounds
+    return _overflow(n + _round_up(n, rem, half, k < 0, fmt.quant).astype(np.int64), fmt)
 
 
 def _round_all_dropped(k: np.ndarray, fmt: FixedFormat) -> np.ndarray:
@@ -231,9 +254,10 @@ def _check_shift(k: np.ndarray, shift: int) -> None:
                              f"{top.bit_length()} bits); use types with closer binary points")
 
 
-def _align(k: np.ndarray, frac: int, to: int) -> np.ndarray:
-    _check_shift(k, to - frac)
-    return k << np.int64(to - frac)
+def _align(k: np.ndarray, frac, to) -> np.ndarray:
+    shift = np.asarray(to, dtype=np.int64) - np.asarray(frac, dtype=np.int64)
+    _check_shift(k, int(shift.max()))
+    return k << shift
 
 
 def _conv(x: np.ndarray, w: np.ndarray, stride, dilation, groups: int, padding) -> np.ndarray:
@@ -281,17 +305,15 @@ def integer_infer(folder: str | Path, inputs: torch.Tensor) -> IntegerResult:
                 srcs.append(values[s])
         (k, f) = srcs[0]
         if kind in ("conv2d", "linear"):
-            w_fmt = _fmt(rec["weight_format"])
             w = weights[f"{name}.weight"]
             acc = (_conv(k, w, rec["stride"], rec["dilation"], rec["groups"], rec["padding"]) if kind == "conv2d"
                    else k @ w.T)
-            frac = f + w_fmt.frac_bits
+            frac = f + _frac(rec["weight_format"], acc.ndim)        # per output channel, or one number
             if f"{name}.bias" in weights:
                 b_fmt = _fmt(rec["bias_format"])
-                bias = weights[f"{name}.bias"]
-                to = max(frac, b_fmt.frac_bits)
-                shape = (1, -1, 1, 1) if kind == "conv2d" else (1, -1)
-                acc, frac = _align(acc, frac, to) + _align(bias, b_fmt.frac_bits, to).reshape(shape), to
+                bias = weights[f"{name}.bias"].reshape((1, -1, 1, 1) if kind == "conv2d" else (1, -1))
+                to = np.maximum(frac, b_fmt.frac_bits)
+                acc, frac = _align(acc, frac, to) + _align(bias, b_fmt.frac_bits, to), to
         elif kind == "affine":
             a_fmt, b_fmt = _fmt(rec["scale_format"]), _fmt(rec["shift_format"])
             prod, frac = k * weights[f"{name}.scale"].reshape(1, -1, 1, 1), f + a_fmt.frac_bits
@@ -299,13 +321,13 @@ def integer_infer(folder: str | Path, inputs: torch.Tensor) -> IntegerResult:
             acc, frac = _align(prod, frac, to) + _align(weights[f"{name}.shift"], b_fmt.frac_bits, to).reshape(
                 1, -1, 1, 1), to
         elif kind in ("relu", "relu6"):
-            frac = max(f, 0)            # so that 6 is an integer number of LSBs
+            frac = np.maximum(f, 0)     # so that 6 is an integer number of LSBs
             acc = np.maximum(_align(k, f, frac), 0)
             if kind == "relu6":
-                acc = np.minimum(acc, np.int64(6) << np.int64(frac))
+                acc = np.minimum(acc, np.int64(6) << np.asarray(frac, dtype=np.int64))
         elif kind == "add":
             (k2, f2) = srcs[1]
-            frac = max(f, f2)
+            frac = np.maximum(f, f2)
             acc = _align(k, f, frac) + _align(k2, f2, frac)
         elif kind == "avgpool":
             r_fmt = _fmt(rec["reciprocal_format"])

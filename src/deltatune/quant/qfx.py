@@ -52,14 +52,18 @@ class QfxConfig:
     weight_bits: int = 8
     act_bits: int = 8
     bias_bits: int = 16         # biases and BatchNorm shifts: added to wide accumulators
+    bn_bits: int = 16           # BatchNorm scales: one type per layer over channels whose scales differ widely
+    acc_bits: int = 16          # a conv / linear result read only by a BatchNorm: the sum stays wide until
+                                # it is normalised, as in an HLS layer; what is stored between layers is act_bits
     pool_bits: int = 16         # the reciprocal 1 / (H W) of an average pooling
     quant: str = "AP_RND"
     overflow: str = "AP_SAT"
     weight_khot: int | None = None
+    weight_per_channel: bool = True     # a binary point per output channel (depthwise filters differ widely)
     learn_int_bits: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "act_bits", "bias_bits", "pool_bits"):
+        for name in ("weight_bits", "act_bits", "bias_bits", "bn_bits", "acc_bits", "pool_bits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BITS:
                 raise DeltatuneError(f"qfx: {name}={value!r} must be an int from 1 to {MAX_BITS} (the total width W "
@@ -75,15 +79,23 @@ class QfxConfig:
                                  f"({self.weight_bits}): the number of powers of two per weight")
 
 
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel tensor (C,) shaped to broadcast along ``x``'s first dimension."""
+    return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() else t
+
+
 class _LearnedCast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, int_bits, width, signed, quant, overflow):
-        fmt = FixedFormat(width, int(torch.round(int_bits).item()), signed, quant, overflow)
-        q = torch.ldexp(quantize_integer(x, fmt), torch.tensor(float(-fmt.frac_bits), dtype=torch.float64)).to(x.dtype)
-        inside = (x >= fmt.min) & (x <= fmt.max)
+        fmt = FixedFormat(width, 0, signed, quant, overflow)        # width and modes; F per element below
+        frac = _channel_view(width - torch.round(int_bits.detach()).to(torch.float64), x)
+        lsb = torch.ldexp(torch.ones_like(frac), -frac)
+        q = (quantize_integer(x, fmt, frac) * lsb).to(x.dtype)
+        inside = (x >= fmt.int_min * lsb) & (x <= fmt.int_max * lsb)
         ctx.save_for_backward(x, q, inside)
-        ctx.wrap, ctx.scale = overflow == "AP_WRAP", 1.0 / math.sqrt(x.numel() * max(fmt.int_max, 1))
-        ctx.param_dtype = int_bits.dtype
+        per_group = x.numel() // max(int_bits.numel(), 1)
+        ctx.wrap, ctx.scale = overflow == "AP_WRAP", 1.0 / math.sqrt(per_group * max(fmt.int_max, 1))
+        ctx.param_shape, ctx.param_dtype = int_bits.shape, int_bits.dtype
         return q
 
     @staticmethod
@@ -91,43 +103,59 @@ class _LearnedCast(torch.autograd.Function):
         x, q, inside = ctx.saved_tensors
         mask = torch.ones_like(inside) if ctx.wrap else inside
         grad_x = grad * mask.to(grad.dtype)
-        grad_i = (grad * (q - x * mask.to(x.dtype))).sum() * (math.log(2.0) * ctx.scale)
-        return grad_x, grad_i.reshape(()).to(ctx.param_dtype), None, None, None, None
+        contribution = grad * (q - x * mask.to(x.dtype))
+        dims = tuple(range(1, x.dim())) if len(ctx.param_shape) else tuple(range(x.dim()))
+        grad_i = contribution.sum(dim=dims) * (math.log(2.0) * ctx.scale)
+        return grad_x, grad_i.reshape(ctx.param_shape).to(ctx.param_dtype), None, None, None, None
 
 
 class FixedQuantizer(nn.Module):
     """One learned fixed-point type: width ``W`` fixed, integer bits ``I = round(int_bits)``
-    trained. Until calibrated (``observe`` on) it passes values through and records ``max |x|``
-    and whether any is negative."""
+    trained; ``per_channel``: one ``I`` per slice of the first dimension (a convolution's output
+    channels), set at calibration. Until calibrated (``observe`` on) it passes values through and
+    records ``max |x|`` and whether any is negative."""
 
-    def __init__(self, width: int, quant: str, overflow: str, learn: bool = True):
+    def __init__(self, width: int, quant: str, overflow: str, learn: bool = True, per_channel: bool = False):
         super().__init__()
-        self.width, self.quant, self.overflow = width, quant, overflow
+        self.width, self.quant, self.overflow, self.per_channel = width, quant, overflow, per_channel
         self.int_bits = nn.Parameter(torch.zeros(()), requires_grad=learn)
         self.register_buffer("signed", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
         self.observe = False
-        self._max, self._negative = 0.0, False
+        self._max: torch.Tensor | float = 0.0
+        self._negative = False
+
+    def _formats(self) -> list[FixedFormat]:
+        return [FixedFormat(self.width, int(i), bool(self.signed), self.quant, self.overflow)
+                for i in torch.round(self.int_bits.detach()).flatten().tolist()]
 
     def format(self) -> FixedFormat:
-        return FixedFormat(self.width, int(torch.round(self.int_bits.detach()).item()), bool(self.signed),
-                           self.quant, self.overflow)
+        """The type (of a per-tensor quantiser)."""
+        if self.per_channel:
+            raise DeltatuneError("qfx: this quantiser has one type per channel; read channel_formats()")
+        return self._formats()[0]
+
+    def channel_formats(self) -> list[FixedFormat]:
+        """One type per channel (per-tensor: a list of one)."""
+        return self._formats()
 
     def start_calibration(self) -> None:
         self.observe, self._max, self._negative = True, 0.0, False
 
     def finish_calibration(self) -> None:
-        signed = self._negative
-        top = max(self._max, 2.0 ** -30)
+        top = torch.as_tensor(self._max, dtype=torch.float64).clamp_min(2.0 ** -30)
+        start = torch.ceil(torch.log2(top)) + int(self._negative)
         with torch.no_grad():
-            self.int_bits.fill_(math.ceil(math.log2(top)) + int(signed))
-            self.signed.fill_(signed)
+            self.int_bits = nn.Parameter(start.to(self.int_bits.device, torch.float32),
+                                         requires_grad=self.int_bits.requires_grad)
+            self.signed.fill_(self._negative)
             self.calibrated.fill_(True)
         self.observe = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observe:
-            self._max = max(self._max, float(x.detach().abs().max()))
+            top = x.detach().abs().flatten(1).amax(1) if self.per_channel else x.detach().abs().max()
+            self._max = torch.maximum(torch.as_tensor(self._max, dtype=top.dtype), top)
             self._negative = self._negative or bool((x.detach() < 0).any())
             return x
         if not bool(self.calibrated):
@@ -136,25 +164,37 @@ class FixedQuantizer(nn.Module):
         return _LearnedCast.apply(x, self.int_bits, self.width, bool(self.signed), self.quant, self.overflow)
 
     def extra_repr(self) -> str:
-        return self.format().hls() if bool(self.calibrated) else f"width={self.width}, not calibrated"
+        if not bool(self.calibrated):
+            return f"width={self.width}, not calibrated"
+        formats = self.channel_formats()
+        if not self.per_channel:
+            return formats[0].hls()
+        bits = [f.int_bits for f in formats]
+        return f"{formats[0].hls().split('<')[0]}<{self.width}, {min(bits)}..{max(bits)}> per channel ({len(bits)})"
 
 
-def khot(w: torch.Tensor, k: int, fmt: FixedFormat) -> torch.Tensor:
-    """``w`` as the greedy sum of at most ``k`` signed powers of two from ``2^-F`` up to half the
-    type's range (each the power nearest to what is left), kept inside the type; straight-through
+def khot(w: torch.Tensor, k: int, int_bits: torch.Tensor, width: int, signed: bool) -> torch.Tensor:
+    """``w`` (already on its fixed-point grid; ``int_bits`` per tensor or per first-dimension
+    channel) as the greedy sum of at most ``k`` signed powers of two from the LSB up to half the
+    type's range, each the power nearest to what is left, kept inside the type; straight-through
     gradient."""
-    lowest, highest = -fmt.frac_bits, fmt.int_bits - (2 if fmt.signed else 1)
+    ints = _channel_view(torch.round(int_bits.detach()).to(torch.float64), w)
+    lowest = ints - width
+    highest = torch.maximum(ints - (2 if signed else 1), lowest)
     rest, total = w.detach().to(torch.float64), torch.zeros_like(w, dtype=torch.float64)
     for _ in range(k):
         magnitude = rest.abs()
-        e = torch.floor(torch.log2(magnitude.clamp_min(2.0 ** lowest))).clamp(lowest, max(highest, lowest))
+        e = torch.minimum(torch.maximum(torch.floor(torch.log2(torch.maximum(magnitude, torch.ldexp(
+            torch.ones_like(magnitude), lowest.expand_as(magnitude))))), lowest), highest)
         low = torch.ldexp(torch.ones_like(e), e)
-        high = torch.ldexp(torch.ones_like(e), (e + 1).clamp(max=max(highest, lowest)))
+        high = torch.ldexp(torch.ones_like(e), torch.minimum(e + 1, highest.expand_as(e)))
         power = torch.where(high - magnitude < magnitude - low, high, low)
-        power = torch.where(magnitude < 2.0 ** (lowest - 1), torch.zeros_like(power), power)   # nearer to 0
+        power = torch.where(magnitude < torch.ldexp(torch.ones_like(e), lowest - 1), torch.zeros_like(power), power)
         step = torch.sign(rest) * power
         total, rest = total + step, rest - step
-    total = total.clamp(fmt.min, fmt.max).to(w.dtype)
+    lsb = torch.ldexp(torch.ones_like(lowest), lowest)
+    lo, hi = (-(2 ** (width - 1)), 2 ** (width - 1) - 1) if signed else (0, 2 ** width - 1)
+    total = torch.minimum(torch.maximum(total, lo * lsb), hi * lsb).to(w.dtype)
     return w + (total - w).detach()
 
 
@@ -166,6 +206,7 @@ class _QfxOp(nn.Module):
         super().__init__()
         self.base = base
         self.output = FixedQuantizer(cfg.act_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
+        self.acc_bits = cfg.acc_bits
 
     def quantizers(self) -> Iterable[FixedQuantizer]:
         return [m for m in self.modules() if isinstance(m, FixedQuantizer)]
@@ -185,7 +226,8 @@ class QfxWeighted(_QfxOp):
         super().__init__(base, cfg)
         self.kind = "conv2d" if isinstance(base, nn.Conv2d) else "linear"
         self.input = FixedQuantizer(cfg.act_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
-        self.weight = FixedQuantizer(cfg.weight_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
+        self.weight = FixedQuantizer(cfg.weight_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits,
+                                     per_channel=cfg.weight_per_channel)
         self.bias = (FixedQuantizer(cfg.bias_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
                      if base.bias is not None else None)
         self.khot = cfg.weight_khot
@@ -193,7 +235,9 @@ class QfxWeighted(_QfxOp):
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight(self.base.weight)
-        return khot(w, self.khot, self.weight.format()) if self.khot and not self.weight.observe else w
+        if not self.khot or self.weight.observe:
+            return w
+        return khot(w, self.khot, self.weight.int_bits, self.weight.width, bool(self.weight.signed))
 
     def padding(self, shape: torch.Size) -> list[int]:
         explicit = getattr(self.base, "explicit_padding", None)
@@ -224,7 +268,7 @@ class QfxBatchNorm(_QfxOp):
 
     def __init__(self, base: nn.BatchNorm2d, cfg: QfxConfig):
         super().__init__(base, cfg)
-        self.scale = FixedQuantizer(cfg.weight_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
+        self.scale = FixedQuantizer(cfg.bn_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
         self.shift = FixedQuantizer(cfg.bias_bits, cfg.quant, cfg.overflow, cfg.learn_int_bits)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,6 +430,14 @@ def calibrate_qfx(model: nn.Module, batches: Iterable) -> None:
         for op, inputs, _ in recorder.ops:
             if isinstance(op, QfxWeighted):
                 op.quantize_input.fill_(not all(i in produced for i in inputs))
+        readers: dict[int, list[_QfxOp]] = {}
+        for op, inputs, _ in recorder.ops:
+            for i in inputs:
+                readers.setdefault(i, []).append(op)
+        for op, _, out in recorder.ops:     # inside a fused layer (conv -> BatchNorm -> activation) values stay wide
+            fused = QfxBatchNorm if isinstance(op, QfxWeighted) else QfxActivation if isinstance(op, QfxBatchNorm) else None
+            if fused is not None and readers.get(out) and all(isinstance(r, fused) for r in readers[out]):
+                op.output.width = op.acc_bits
         for batch in batches[1:]:
             _run(model, batch)
         for op in dict.fromkeys(op for op, _, _ in recorder.ops):
