@@ -237,6 +237,32 @@ def test_adapter_buffers_resume_with_the_parameters(tmp_path):
         restore(ckpt, other, other_opt, other_sched)
 
 
+def test_batchnorm_statistics_of_a_full_fine_tune_resume(tmp_path):
+    """Full fine-tuning of a convnet updates each BatchNorm's running statistics: they are part of
+    the trained model, so the checkpoint keeps them, and a frozen BatchNorm's are left out."""
+    def run():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+        model[4].requires_grad_(False)
+        model[4].eval()         # a frozen BatchNorm keeps its statistics (as ImageClassifier.train does)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(4, 1))
+    model, opt, sched = run()
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6) * 3 + 1).sum().backward()
+        opt.step()
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, model, opt, sched, epoch=1, step=3, metrics=[], args={})
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert set(ckpt.buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    fresh, fresh_opt, fresh_sched = run()
+    assert not torch.equal(fresh[1].running_mean, model[1].running_mean)
+    restore(ckpt, fresh, fresh_opt, fresh_sched)
+    assert torch.equal(fresh[1].running_mean, model[1].running_mean) and int(fresh[1].num_batches_tracked) == 3
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
 class Mixed(nn.Module):
     """An embedding, a matrix and a Conv2d kernel: what the projected optimizers project
     (moments of another shape, Tucker factors, 8-bit codes), with a vector they do not."""

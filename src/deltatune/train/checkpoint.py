@@ -80,10 +80,15 @@ class Checkpoint:
 
 
 def adapter_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The persistent buffers of everything attach added (see the module doc), by qualified name."""
+    """The persistent buffers a run changes, by qualified name: those of everything attach added
+    (see the module doc), and those of each module with a trainable parameter of its own (a
+    BatchNorm under full fine-tuning updates its running statistics)."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    trained = {f"{m}.{b}" if m else b for m, module in model.named_modules()
+               if any(p.requires_grad for p in module.parameters(recurse=False))
+               for b, _ in module.named_buffers(recurse=False)}
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in params and (
-        ".deltas." in k or ".copies." in k or k.startswith("deltatune_shared."))}
+        ".deltas." in k or ".copies." in k or k.startswith("deltatune_shared.") or k in trained)}
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -178,6 +178,6 @@ CORDA = register(Method(
     paper="CorDA: Context-Oriented Decomposition Adaptation of Large Language Models",
     hook="weight", kinds=("linear", "conv", "conv1d_gpt2"), make_delta=make_delta,
     expected_parameters=expected_parameters, default_targets=DEFAULT_TARGETS,
-    default_lr=3e-3,    # from the paper's recipe; not yet swept here (LoRA's rate: the paper trains as LoRA does)
+    default_lr=1e-3,    # swept on BBC: 96.40 % at 1e-3 vs 96.17 % at LoRA's 3e-3, 92.79 % at 1e-2
     variants=[{"mode": "kpm"}], calibrate=calibrate,
 ))
