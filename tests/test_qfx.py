@@ -199,3 +199,30 @@ def test_bad_input(images):
     gap = dt.qfx(tiny_net(), targets=["stem", "act", "block._expand_conv"], calibration=[images])   # bn left float
     with pytest.raises(DeltatuneError, match="act reads a value that no quantised op produced"):
         dt.qfx_export(gap.double(), "/nonexistent/never-written")
+
+
+def test_train_qfx_from_a_float_fine_tune(tmp_path, capsys):
+    """``deltatune train --method full --qfx 8,8 --init-from RUN``: quantisation-aware fine-tuning
+    of the float run's model; the learned integer bits are in the checkpoint."""
+    from test_train import make_dataset, make_tiny_model
+
+    from deltatune import cli
+    from deltatune.train.checkpoint import load_checkpoint
+    model = make_tiny_model(tmp_path / "tiny")
+    data = make_dataset(tmp_path / "toy.csv")
+    common = ["train", "--data", str(data), "--model", str(model), "--method", "full", "--epochs", "1",
+              "--batch-size", "16", "--max-length", "24", "--no-progress", "--device", "cpu", "--lr", "1e-3"]
+    assert cli.main([*common, "--out", str(tmp_path / "float")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "q"), "--qfx", "8,8", "--init-from", str(tmp_path / "float")]) == 0
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert 0 <= metrics["qfx_exact_test_accuracy"] <= 1 and metrics["qfx_exported"] is None   # softmax etc. are float
+    params = load_checkpoint(tmp_path / "q" / "checkpoint.safetensors").params
+    points = [n for n in params if n.endswith(".int_bits")]
+    assert points and any(n.endswith("weight.int_bits") for n in points)
+    for bad, message in ((["--qfx", "8"], "give the weight and activation widths"),
+                         (["--qfx", "8,8", "--method", "lora"], "use it with --method full"),
+                         (["--qfx-khot", "2"], "applies to --qfx runs only"),
+                         (["--init-from", str(tmp_path)], "no checkpoint.safetensors there")):
+        capsys.readouterr()
+        assert cli.main([*common, "--out", str(tmp_path / "bad"), *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad

@@ -202,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false",
                    help="lm task: compute the loss from the full logits; by default it is computed a chunk of "
                         "tokens at a time, to the same value, without the tokens x vocabulary logits")
+    t.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the model a finished --method full run trained (its folder)")
+    t.add_argument("--qfx", default=None, metavar="W,A",
+                   help="quantisation-aware fine-tuning in fixed point (dt.qfx): W-bit weights, A-bit activations, "
+                        "each binary point learned; with --method full (e.g. --init-from a float fine-tune); the "
+                        "exported integer model goes to OUT/qfx")
+    t.add_argument("--qfx-khot", type=int, default=None, metavar="K",
+                   help="--qfx: multiplier-free weights, each a sum of at most K powers of two")
+    t.add_argument("--qfx-point-lr", type=float, default=1e-2, help="--qfx: rate of the learned integer bits "
+                   "(default: 1e-2)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (it stays whole until the new run is complete)")
@@ -287,7 +297,8 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
                      weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, optimizer=ns.optimizer, budget_seconds=ns.budget_seconds,
                      gradient_checkpointing=ns.gradient_checkpointing, offload_activations=ns.offload_activations,
-                     chunked_loss=ns.chunked_loss,
+                     chunked_loss=ns.chunked_loss, init_from=ns.init_from, qfx=ns.qfx, qfx_khot=ns.qfx_khot,
+                     qfx_point_lr=ns.qfx_point_lr,
                      out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                      device=ns.device, progress=ns.progress)
     args.validate()

@@ -78,6 +78,7 @@ PRECISIONS = ("fp32", "bf16")
 # (a convex problem: 3e-2 and 1e-1 tie, 1e-2 is under-converged after one epoch of BBC News).
 # The sweeps behind these numbers are in docs/results/README.md.
 BASELINES = {"full": 5e-5, "head": 3e-2}
+QFX_CALIBRATION_BATCHES = 8
 # a baseline's rate for a model_type where the sweep found another: a convnet fine-tunes at
 # ~20x a transformer's rate (EfficientNet-Lite0 on Fashion-MNIST, 1 epoch: 72.6 % at 5e-5,
 # 80.8 % at 1e-3); its probe on the 1,280 pooled features wants 3e-3 (81.6 %, test loss 0.54;
@@ -121,6 +122,10 @@ class TrainArgs:
     gradient_checkpointing: bool = False    # recompute activations in the backward pass (activations.py)
     offload_activations: bool = False       # keep saved activations in host memory (accelerators only)
     chunked_loss: bool = True               # the lm task's loss a chunk of tokens at a time (lm.py)
+    init_from: str | None = None            # a full fine-tune's run folder: start from its trained model
+    qfx: str | None = None                  # "W,A": quantisation-aware fine-tuning in fixed point (dt.qfx)
+    qfx_khot: int | None = None             # K-hot weights under --qfx
+    qfx_point_lr: float = 1e-2              # rate of the learned integer bits under --qfx
 
     # arguments that may change between an interrupted run and its resumption (the memory
     # options change how a step is computed, not what)
@@ -162,10 +167,30 @@ class TrainArgs:
         for name in ("gradient_checkpointing", "offload_activations", "chunked_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.qfx is not None:
+            self.qfx_bits()
+            if self.method != "full":
+                raise DeltatuneError(f"--qfx fine-tunes every weight in fixed point: use it with --method full, not "
+                                     f"{self.method}")
+        elif self.qfx_khot is not None:
+            raise DeltatuneError("--qfx-khot applies to --qfx runs only: add --qfx W,A or drop it")
+        if not (isinstance(self.qfx_point_lr, (int, float)) and self.qfx_point_lr > 0):
+            raise DeltatuneError(f"--qfx-point-lr must be a positive number, got {self.qfx_point_lr!r}")
+        if self.init_from is not None and not (Path(self.init_from) / "checkpoint.safetensors").is_file():
+            raise DeltatuneError(f"--init-from {self.init_from}: no checkpoint.safetensors there; give the folder of "
+                                 f"a finished deltatune train run")
         if not self.chunked_loss and task_kind(str(self.data)) != "lm":
             raise DeltatuneError(f"--no-chunked-loss applies to the causal-LM task (--data lm) only; --data "
                                  f"{self.data} computes a classifier's loss, which has no vocabulary-sized logits: "
                                  f"drop the flag")
+
+    def qfx_bits(self) -> tuple[int, int]:
+        """``--qfx W,A``: the weights' and activations' widths."""
+        parts = str(self.qfx).split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 32 for p in parts):
+            raise DeltatuneError(f"--qfx {self.qfx!r}: give the weight and activation widths in bits, e.g. --qfx 8,8 "
+                                 f"(each 1 to 32)")
+        return int(parts[0]), int(parts[1])
 
     def output_dir(self) -> Path:
         if self.out:
@@ -424,6 +449,11 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     model, train_split, test_split = setup.model, setup.train, setup.test
     model_name = a.model or setup.model_name
     lr = float(a.lr) if a.lr is not None else default_lr(a.method, model_type(model))
+    if a.init_from is not None:
+        start = load_checkpoint(Path(a.init_from) / CHECKPOINT_FILE)
+        prepare_baseline(model, "full", setup.head)
+        restore(start, model, restore_rng=False)
+        _log(f"started from the model trained in {a.init_from}")
     if baseline:
         prepare_baseline(model, a.method, setup.head)
     else:
@@ -433,6 +463,15 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
             options["total_step"] = math.ceil(train_split.num_batches(a.batch_size) / a.grad_accum) * a.epochs
         cfg = method_config(a.method, options, setup.head)
         dt.attach(model, cfg)
+    point_rates: dict[str, float] = {}
+    if a.qfx is not None:
+        weight_bits, act_bits = a.qfx_bits()
+        calibration = [{k: v for k, v in b.items() if k != "labels"} for _, b in
+                       zip(range(QFX_CALIBRATION_BATCHES), train_split.batches(a.batch_size))]
+        dt.qfx(model, weight_bits, act_bits, calibration=calibration, weight_khot=a.qfx_khot)
+        point_rates = {n: a.qfx_point_lr for n, m in model.named_modules() if type(m).__name__ == "FixedQuantizer"}
+        _log(f"qfx: {len(point_rates)} fixed-point types ({weight_bits}-bit weights, {act_bits}-bit activations"
+             f"{f', {a.qfx_khot}-hot' if a.qfx_khot else ''}), calibrated on {len(calibration)} batches")
     model.to(device)
     trainable, total = dt.count_parameters(model)
     _log(f"{a.method} on {model_name}: {trainable:,} trainable of {total:,} parameters "
@@ -449,7 +488,8 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         head_lr = None
     # the new head (a linear probe on the pooled features) converges at a far larger rate than
     # the deltas inside the encoder (see BASELINE_LR_BY_MODEL); methods may set their own rates
-    groups = dt.parameter_groups(model, lr, rates={setup.head: head_lr} if head_lr is not None else None)
+    rates = {**point_rates, **({setup.head: head_lr} if head_lr is not None else {})}
+    groups = dt.parameter_groups(model, lr, rates=rates or None)
     optimizer = build_optimizer(a.optimizer, groups, lr, a.weight_decay)
     zeroth_order = is_zeroth_order(optimizer)
     if zeroth_order:
@@ -555,6 +595,9 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
 
     if not baseline:        # a baseline's trained parameters are in the checkpoint
         dt.save_adapter(model, out)
+    qfx_metrics: dict[str, Any] = {}
+    if a.qfx is not None:   # the exact fixed-point model (float64 emulation), and its integers, types and graph
+        qfx_metrics = _qfx_finish(model, setup, test_split, a, device, out)
     last = history[-1] if history else {}
     metrics: dict[str, Any] = {
         "metric": setup.metric,
@@ -593,6 +636,7 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         "device": str(device),
         "resumed_from_epoch": ckpt.epoch if ckpt is not None else None,
         "history": history,
+        **qfx_metrics,
     }
     metrics = _jsonable(metrics)
     atomic_write_bytes(out / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode())
@@ -600,6 +644,37 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
     _log(f"{_metric_text(setup.metric, metrics[setup.metric])}; {saved} and {METRICS_FILE} in {shown_out}")
     _log(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "method_config", "label_names")}))
     return metrics
+
+
+class _Float64Inputs(torch.nn.Module):
+    """Runs a model converted to float64 on the float32 batches of a split."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **batch):
+        return self.inner(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+
+
+def _qfx_finish(model: torch.nn.Module, setup: Any, test_split: Any, a: TrainArgs, device: torch.device,
+                out: Path) -> dict[str, Any]:
+    """``--qfx``: the test metric of the exact fixed-point model (float64, where every sum is
+    exact), and its export to ``out/qfx`` where the whole model is fixed point."""
+    import deltatune as dt
+    model.double()
+    try:
+        ev = setup.evaluate(_Float64Inputs(model), test_split, a.eval_batch_size, device, "fp32")
+        _log(f"qfx, exact fixed point (float64 emulation): {_metric_text(setup.metric, ev[setup.metric])}")
+        result: dict[str, Any] = {f"qfx_exact_{setup.metric}": ev[setup.metric], "qfx_exported": None}
+        try:
+            result["qfx_exported"] = str(dt.qfx_export(model, out / "qfx"))
+            _log(f"qfx: integer weights, types and graph in {out / 'qfx'} (run by deltatune.quant.integer_infer)")
+        except DeltatuneError as e:        # e.g. a transformer: float ops (softmax, norms) between its Linears
+            _log(f"qfx: not exported ({e})")
+        return result
+    finally:
+        model.float()
 
 
 def _metric_text(metric: str, value: float | None) -> str:
