@@ -70,7 +70,7 @@ def fit(model, train, groups, steps_limit: int | None, seed: int, label: str) ->
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
             log(f"{label}: step {step + 1}/{steps}, loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     return time.perf_counter() - start

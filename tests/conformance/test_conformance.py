@@ -188,7 +188,8 @@ def _lifecycle(case: Case, r: Record) -> None:
         r["skip"] = f"dt.{mc.needs} does not exist yet (another engineer is adding it)"
         return
     refused = [why for (m, v, k), why in NOT_APPLICABLE.items()
-               if m == name and k == key and v in [f"{f}={x}" for f, x in case.variant_dict.items()]]
+               if m == name and k == key and (v in [f"{f}={x}" for f, x in case.variant_dict.items()]
+                                              or (v == "defaults" and not case.variant_dict))]
     if refused:
         r["skip"] = refused[0]
         return

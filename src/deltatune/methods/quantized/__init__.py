@@ -1,0 +1,1 @@
+"""Deltas trained for, or on, quantised weights: ``loftq``, ``l4q``."""
