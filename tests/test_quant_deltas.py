@@ -78,3 +78,23 @@ def test_l4q_merges_onto_its_learned_grid_and_trains_its_steps():
     codes = model.proj.weight.detach().double() / step[:, None]
     assert torch.allclose(codes, codes.round(), atol=1e-4)              # every weight on its row's grid
     assert codes.round().min() >= -8 and codes.round().max() <= 7      # 4-bit signed
+
+
+def test_train_lora_on_a_quantised_base(tmp_path, capsys):
+    """``deltatune train --method lora --quantize-base nf4``: QLoRA; the adapter trains on the
+    NF4 base and the run records the base's scheme."""
+    import json
+
+    from test_train import make_dataset, make_tiny_model
+
+    from deltatune import cli
+    model = make_tiny_model(tmp_path / "tiny")
+    data = make_dataset(tmp_path / "toy.csv")
+    common = ["train", "--data", str(data), "--model", str(model), "--epochs", "1", "--batch-size", "16",
+              "--max-length", "24", "--no-progress", "--device", "cpu"]
+    assert cli.main([*common, "--method", "lora", "--quantize-base", "nf4", "--out", str(tmp_path / "q")]) == 0
+    assert "frozen base stored nf4" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert metrics["quantize_base"] == "nf4" and metrics["trainable_params"] > 0
+    assert cli.main([*common, "--method", "full", "--quantize-base", "nf4", "--out", str(tmp_path / "f")]) == 2
+    assert "trains no adapter" in capsys.readouterr().err

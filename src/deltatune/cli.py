@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false",
                    help="lm task: compute the loss from the full logits; by default it is computed a chunk of "
                         "tokens at a time, to the same value, without the tokens x vocabulary logits")
+    t.add_argument("--quantize-base", default=None, choices=["nf4", "int8"],
+                   help="store the frozen base's Linear layers quantised (dt.quantize; the head stays float) "
+                        "before attaching the adapter: --method lora --quantize-base nf4 is QLoRA")
     t.add_argument("--init-from", default=None, metavar="RUN",
                    help="start from the model a finished --method full run trained (its folder)")
     t.add_argument("--qfx", default=None, metavar="W,A",
@@ -297,7 +300,7 @@ def cmd_train(ns: argparse.Namespace, extra: list[str]) -> int:
                      max_length=ns.max_length, grad_accum=ns.grad_accum, seed=ns.seed,
                      weight_decay=ns.weight_decay, head_dropout=ns.head_dropout, head_lr=ns.head_lr, precision=ns.precision, optimizer=ns.optimizer, budget_seconds=ns.budget_seconds,
                      gradient_checkpointing=ns.gradient_checkpointing, offload_activations=ns.offload_activations,
-                     chunked_loss=ns.chunked_loss, init_from=ns.init_from, qfx=ns.qfx, qfx_khot=ns.qfx_khot,
+                     chunked_loss=ns.chunked_loss, init_from=ns.init_from, quantize_base=ns.quantize_base, qfx=ns.qfx, qfx_khot=ns.qfx_khot,
                      qfx_point_lr=ns.qfx_point_lr,
                      out=ns.out, resume=ns.resume, overwrite=ns.overwrite,
                      device=ns.device, progress=ns.progress)

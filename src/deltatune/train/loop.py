@@ -123,6 +123,7 @@ class TrainArgs:
     offload_activations: bool = False       # keep saved activations in host memory (accelerators only)
     chunked_loss: bool = True               # the lm task's loss a chunk of tokens at a time (lm.py)
     init_from: str | None = None            # a full fine-tune's run folder: start from its trained model
+    quantize_base: str | None = None        # "nf4" | "int8": the frozen base stored quantised (QLoRA's base)
     qfx: str | None = None                  # "W,A": quantisation-aware fine-tuning in fixed point (dt.qfx)
     qfx_khot: int | None = None             # K-hot weights under --qfx
     qfx_point_lr: float = 1e-2              # rate of the learned integer bits under --qfx
@@ -167,6 +168,13 @@ class TrainArgs:
         for name in ("gradient_checkpointing", "offload_activations", "chunked_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quantize_base is not None:
+            from ..quant import SCHEMES
+            if self.quantize_base not in SCHEMES:
+                raise DeltatuneError(f"--quantize-base must be one of {', '.join(SCHEMES)}, got {self.quantize_base!r}")
+            if self.method in BASELINES:
+                raise DeltatuneError(f"--quantize-base stores the frozen base quantised for an adapter to train on; "
+                                     f"--method {self.method} trains no adapter: pick one (e.g. lora: QLoRA)")
         if self.qfx is not None:
             self.qfx_bits()
             if self.method != "full":
@@ -462,6 +470,9 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
             # a method with a step schedule (adalora's rank budget) plans it over the run's optimizer steps
             options["total_step"] = math.ceil(train_split.num_batches(a.batch_size) / a.grad_accum) * a.epochs
         cfg = method_config(a.method, options, setup.head)
+        if a.quantize_base is not None:
+            dt.quantize(model, a.quantize_base)
+            _log(f"frozen base stored {a.quantize_base} (every Linear but the head)")
         dt.attach(model, cfg)
     point_rates: dict[str, float] = {}
     if a.qfx is not None:
@@ -627,6 +638,7 @@ def _train(a: TrainArgs, out: Path, shown_out: Path) -> dict[str, Any]:
         "offload_activations": a.offload_activations,
         "chunked_loss": a.chunked_loss if task_kind(str(a.data)) == "lm" else None,
         "head_lr": head_lr,
+        "quantize_base": a.quantize_base,
         "seed": a.seed,
         "steps": step,
         "planned_steps": total_steps,
