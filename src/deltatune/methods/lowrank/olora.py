@@ -67,5 +67,5 @@ OLORA = register(Method(
     name="olora", config_cls=OloraConfig, paper="OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models",
     hook="weight", kinds=("linear", "conv", "embedding", "conv1d_gpt2"), make_delta=make_delta,
     expected_parameters=expected_parameters, default_targets=DEFAULT_TARGETS,
-    default_lr=3e-3,    # from the paper's recipe; not yet swept here (LoRA's rate: the paper trains as LoRA does)
+    default_lr=1e-3,    # swept on BBC: 96.40 % at 1e-3, 95.95 % at LoRA's 3e-3, 91.44 % at 1e-2 (the paper trains as LoRA does)
 ))
