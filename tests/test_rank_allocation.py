@@ -109,7 +109,7 @@ def test_dylora_trains_the_truncated_factors_at_a_uniform_reproducible_rank(froz
 
 
 def test_dylora_frozen_mode_holds_the_other_components_under_adamw():
-    model = dylora_toy()
+    model = dylora_toy(frozen=True)
     perturb(model)
     model.train()
     opt = torch.optim.AdamW(dt.parameter_groups(model, lr=1e-2), weight_decay=0.1)
