@@ -108,4 +108,4 @@ LOLDU = register(Method(
     variants=[{"r": 4, "alpha": 4.0}],
     # LoLDU's rates are not in its abstract or released code: it trains a diagonal and a scalar, as
     # the scale-vector methods here (IA3, VeRA: 1e-2); a step of 1e-2 on z rescales W's LDU part by 1 %
-    default_lr=1e-2))   # not yet swept here
+    default_lr=3e-3))   # swept on BBC: 96.62 % at 3e-3, 95.95 % at 1e-2, 95.72 % at 3e-2
