@@ -146,6 +146,7 @@ def test_product_and_sum_formats_and_exact_results():
     (dict(width=8, int_bits=2.5), "int_bits=2.5 must be an int"),
     (dict(width=8, int_bits=2, quant="AP_ROUND"), "'AP_ROUND' is not an HLS mode"),
     (dict(width=8, int_bits=2, overflow="SAT"), "'SAT' is not an HLS mode"),
+    (dict(width=8, int_bits=-5000), "5008 fraction bits"),
 ])
 def test_bad_formats_are_refused(kwargs, message):
     with pytest.raises(DeltatuneError, match=message):

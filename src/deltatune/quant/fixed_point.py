@@ -54,6 +54,8 @@ from ..core.errors import DeltatuneError
 QUANT_MODES = ("AP_TRN", "AP_TRN_ZERO", "AP_RND", "AP_RND_ZERO", "AP_RND_INF", "AP_RND_MIN_INF", "AP_RND_CONV")
 OVERFLOW_MODES = ("AP_WRAP", "AP_SAT", "AP_SAT_ZERO", "AP_SAT_SYM")
 EXACT_BITS = 53         # significand of float64: results of up to this many bits are exact
+MAX_FRAC_BITS = 960     # |F| so that 2^-F and a W-bit integer times it stay finite float64 numbers
+MAX_WIDTH = 64
 
 __all__ = ["EXACT_BITS", "FixedFormat", "OVERFLOW_MODES", "QUANT_MODES", "add", "cast", "mul", "quantize_integer"]
 
@@ -76,6 +78,10 @@ class FixedFormat:
                                      f"was given)")
         if self.width < 1:
             raise DeltatuneError(f"fixed point: width={self.width} must be at least 1 bit (ap_fixed<W, I> needs W >= 1)")
+        if abs(self.width - self.int_bits) > MAX_FRAC_BITS or self.width > MAX_WIDTH:
+            raise DeltatuneError(f"fixed point: ap_fixed<{self.width}, {self.int_bits}> has {self.width - self.int_bits} "
+                                 f"fraction bits; its step 2^-F must be a float64 (|W - I| <= {MAX_FRAC_BITS}, "
+                                 f"W <= {MAX_WIDTH}): choose int_bits nearer the width")
         if not isinstance(self.signed, bool):
             raise DeltatuneError(f"fixed point: signed={self.signed!r} must be True (ap_fixed) or False (ap_ufixed)")
         if self.quant not in QUANT_MODES:
