@@ -429,3 +429,18 @@ def test_quantize_errors():
         dt.quantize(attached, "nf4")
     with pytest.raises(DeltatuneError, match="2-D float weight"):
         QuantLinear(torch.zeros(4), None, "nf4")
+
+
+def test_nf4_under_the_planners_fake_tensors_leaves_real_quantisation_working():
+    """The planner attaches on fake tensors first (LoftQ quantises at attach): the NF4 levels it
+    asks for must not be cached as a tensor without data for the real run after it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from deltatune.quant.blockwise import dequantize_tensor, quantize_tensor
+    import deltatune.quant.blockwise as blockwise
+    blockwise._nf4_level_values.cache_clear()
+    with FakeTensorMode():
+        quantize_tensor(torch.randn(4, 64), "nf4")
+    w = torch.randn(4, 64)
+    error = (dequantize_tensor(quantize_tensor(w, "nf4")) - w).abs().max()
+    assert 0 < error < w.abs().max() / 4

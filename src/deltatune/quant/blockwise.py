@@ -51,13 +51,22 @@ INT8_MAX = 127
 
 
 @functools.lru_cache(maxsize=None)
+def _nf4_level_values() -> tuple[float, ...]:
+    # cached as Python floats, not a tensor: a tensor cached when first asked for under the memory
+    # planner's FakeTensorMode would be a fake one, without data, for every later call
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    with unset_fake_temporarily():
+        f64 = dict(dtype=torch.float64, device="cpu")
+        d = 1 - (1 / 30 + 1 / 32) / 2
+        normal = torch.distributions.Normal(torch.tensor(0.0, **f64), torch.tensor(1.0, **f64))
+        positive = normal.icdf(torch.linspace(d, 0.5, 9, **f64)[:-1])
+        negative = -normal.icdf(torch.linspace(d, 0.5, 8, **f64)[:-1])
+        levels = torch.cat([negative, torch.zeros(1, **f64), positive]).sort().values
+        return tuple((levels / levels.max()).tolist())
+
+
 def _nf4_levels_f64() -> torch.Tensor:
-    d = 1 - (1 / 30 + 1 / 32) / 2
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    positive = normal.icdf(torch.linspace(d, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -normal.icdf(torch.linspace(d, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
-    return levels / levels.max()
+    return torch.tensor(_nf4_level_values(), dtype=torch.float64)
 
 
 def nf4_levels() -> torch.Tensor:
