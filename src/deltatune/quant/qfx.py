@@ -16,6 +16,13 @@ trainable parameter:
   batches, and the type is unsigned when no calibration value was negative (a ReLU's output),
   which buys one more fraction bit.
 
+Widths: weights ``weight_bits`` with one binary point per output channel (``weight_per_channel``:
+depthwise filters differ by orders of magnitude, and one point per layer loses most of them);
+values stored between layers ``act_bits``; inside a fused layer (a convolution read only by its
+BatchNorm, a BatchNorm read only by its activation) the value stays ``acc_bits`` wide, as an HLS
+layer keeps its accumulator until the activation; BatchNorm scales ``bn_bits``, biases and shifts
+``bias_bits``.
+
 Quantised operations (the modules replaced, by type): ``Conv2d`` and ``Linear`` (weight, bias,
 and the input where it does not come from a quantised op), ``BatchNorm2d`` as the per-channel
 affine ``x * a + b`` of its running statistics (``a = gamma / sqrt(var + eps)`` and ``b = beta -
