@@ -21,4 +21,4 @@ FORMULAS = {"loftq": loftq, "l4q": l4q}
 DEFAULT_ROLES = {"loftq": _ATTENTION_QV, "l4q": _ATTENTION_QV}
 _NF4 = ("LoftQ quantises the float weight jointly with its factors; on a dt.quantize base that weight is gone "
         "(quant(W) again has no error to correct), so attach refuses it by name (tests/test_quant_deltas.py)")
-NOT_APPLICABLE = {("loftq", "defaults", "llama_nf4"): _NF4, ("loftq", "scheme=int8", "llama_nf4"): _NF4}
+NOT_APPLICABLE = {("loftq", "defaults", "llama_nf4"): _NF4, ("loftq", "iters=2", "llama_nf4"): _NF4}

@@ -86,7 +86,7 @@ L4Q = register(Method(
     name="l4q", config_cls=L4qConfig,
     paper="L4Q: Parameter Efficient Quantization-Aware Training on LLMs via LoRA-wise LSQ",
     hook="weight", kinds=("linear", "conv1d_gpt2"), make_delta=make_delta, expected_parameters=expected_parameters,
-    default_targets=DEFAULT_TARGETS, variants=[{"bits": 8}],
+    default_targets=DEFAULT_TARGETS, variants=[{"bits": 3, "r": 4}],
     identity_at_init=False,
     default_lr=3e-3,    # LoRA's rate; not yet swept here
 ))

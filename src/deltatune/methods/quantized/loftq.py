@@ -106,7 +106,8 @@ LOFTQ = register(Method(
     name="loftq", config_cls=LoftqConfig,
     paper="LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models",
     hook="weight", kinds=("linear", "conv1d_gpt2"), make_delta=make_delta, expected_parameters=expected_parameters,
-    default_targets=DEFAULT_TARGETS, variants=[{"scheme": "int8", "iters": 2}],
+    default_targets=DEFAULT_TARGETS, variants=[{"iters": 2}],     # int8: tests/test_quant_deltas.py (its error is too
+    # small on the tiny conformance models for the suite's "changes the output at init" check)
     identity_at_init=False,
     default_lr=3e-3,    # LoRA's rate (the paper trains as LoRA does); not yet swept here
 ))
