@@ -37,6 +37,7 @@ from ...core.weights import WeightDelta, frozen_2d
 from ...quant.blockwise import SCHEMES, dequantize_tensor, quantize_tensor
 from ..lowrank._factor_inits import normalised_svd
 from ..lowrank.lora import DEFAULT_TARGETS
+from ..lowrank.lora_init import check_rank
 from ..spectral._svd import frozen, trained
 
 
@@ -86,10 +87,7 @@ class LoftqDelta(WeightDelta):
 
 def make_delta(base: nn.Module, kind: str, cfg: LoftqConfig, name: str, loading: bool = False,
                shared=None) -> LoftqDelta:
-    out, fan_in = out_in(base, kind)
-    if cfg.r > min(out, fan_in):
-        raise DeltatuneError(f"loftq: r={cfg.r} exceeds {name}'s rank limit min(out, fan_in) = {min(out, fan_in)}; "
-                             f"use r <= {min(out, fan_in)}")
+    check_rank(base, kind, cfg.r, "default", name)
     if not isinstance(base.weight, nn.Parameter):
         raise DeltatuneError(f"loftq: {name} is stored quantised already (dt.quantize), so its float weight, which "
                              f"LoftQ quantises jointly with the factors, is gone; attach loftq to the float model")
